@@ -1,0 +1,134 @@
+"""Apply hard-concrete masks to a Hugging Face LLaMA-family model in place, and undo it.
+
+Nothing of Hugging Face's modelling code is copied: the leaf modules where masks multiply
+(o_proj, up_proj, down_proj and every RMSNorm) switch to masked subclasses of their own
+class, and a forward pre-hook on the base model computes the masks once per forward pass
+(a fresh sample per micro-batch in training mode, the deterministic masks in eval mode).
+Loss, ``generate`` and ``save_pretrained`` keep working; the state dict keeps its keys
+(the masks live in a separate :class:`~shear.masks.HardConcreteMasks` module).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from shear.arch import Arch
+from shear.errors import ShearError
+from shear.masked_modules import MaskedLinearMixin, MaskedRMSNormMixin, MaskSlot, mask_module, unmask_module
+from shear.masks import HardConcreteMasks
+from shear.target import resolve_target
+
+_STATE = "_shear_state"
+
+
+def apply_masks(
+    model: nn.Module,
+    target: str | os.PathLike | dict | Arch,
+    types: list[str] | None = None,
+    generator: torch.Generator | None = None,
+) -> HardConcreteMasks:
+    """Create the masks for pruning ``model`` to ``target`` and wire them into the model.
+
+    Args:
+        model: a ``LlamaForCausalLM``, ``MistralForCausalLM`` or ``Qwen2ForCausalLM``.
+        target: the target architecture (see :func:`shear.target.resolve_target`).
+        types: mask types to learn; None learns every dimension the target shrinks.
+        generator: optional RNG for the initial log_alpha and the training noise.
+
+    Returns:
+        The masks (on the model's device). They are not a submodule of the model: give
+        their parameters to the optimiser (:func:`shear.lagrangian.build_optimizer`) and
+        move them with the model.
+
+    Example:
+        >>> masks = apply_masks(model, "layers=24,hidden=384,heads=6,kv_heads=2,intermediate=1024")
+        >>> loss = model(input_ids, labels=input_ids).loss  # masks sampled (train mode)
+    """
+    source = Arch.from_config(model.config)
+    masks = HardConcreteMasks(source, resolve_target(source, target), types, generator)
+    masks.to(next(model.parameters()).device)
+    attach_masks(model, masks)
+    return masks
+
+
+def _decoder(model: nn.Module) -> nn.Module:
+    base = getattr(model, "base_model", model)
+    if not hasattr(base, "layers") or not hasattr(base, "norm"):
+        raise ShearError(f"{type(model).__name__} has no decoder with .layers and .norm to mask")
+    return base
+
+
+def attach_masks(model: nn.Module, masks: HardConcreteMasks) -> None:
+    """Wire existing masks into ``model`` (see :func:`apply_masks`).
+
+    Args:
+        model: a supported causal LM with ``masks.source``'s architecture.
+        masks: the masks to use.
+    """
+    if getattr(model, _STATE, None) is not None:
+        raise ShearError("this model already has masks applied; call remove_masks(model) first")
+    if Arch.from_config(model.config) != masks.source:
+        raise ShearError("the masks were made for a different architecture than this model's")
+    decoder = _decoder(model)
+    types = set(masks.types)
+    hidden = "hidden" in types
+    patched: list[nn.Module] = []
+
+    def patch(module: nn.Module, mixin: type, layer: int | None, *fields: str | None) -> None:
+        if all(f is None for f in fields):
+            return  # no learned mask touches this module: leave it as it was
+        mask_module(module, mixin, MaskSlot(masks, layer, fields))
+        patched.append(module)
+
+    def field(name: str, present: bool) -> str | None:
+        return name if present else None
+
+    for i, layer in enumerate(decoder.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        patch(
+            attn.o_proj,
+            MaskedLinearMixin,
+            i,
+            field("attn_in", bool(types & {"head", "kv"})),
+            field("attn_out", bool(types & {"layer", "head_layer"}) or hidden),
+        )
+        patch(mlp.up_proj, MaskedLinearMixin, i, None, field("int_out", "intermediate" in types))
+        patch(
+            mlp.down_proj,
+            MaskedLinearMixin,
+            i,
+            None,
+            field("mlp_out", bool(types & {"layer", "mlp"}) or hidden),
+        )
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            patch(norm, MaskedRMSNormMixin, None, field("hidden", hidden))
+    patch(decoder.norm, MaskedRMSNormMixin, None, field("hidden", hidden))
+
+    def refresh(module: nn.Module, args: Any) -> None:
+        masks.refresh(module.training)
+
+    hook = decoder.register_forward_pre_hook(refresh)
+    object.__setattr__(model, _STATE, (masks, hook, patched))
+
+
+def remove_masks(model: nn.Module) -> None:
+    """Restore the model's original modules and forward; the weights are untouched."""
+    state = getattr(model, _STATE, None)
+    if state is None:
+        return
+    masks, hook, patched = state
+    hook.remove()
+    for module in patched:
+        unmask_module(module)
+    masks.current = None
+    object.__setattr__(model, _STATE, None)
+
+
+def masks_of(model: nn.Module) -> HardConcreteMasks | None:
+    """The masks applied to ``model``, or None."""
+    state = getattr(model, _STATE, None)
+    return state[0] if state else None

@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny random LLaMA-family models covering MHA / GQA, tied / untied, biases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+# Odd sizes on purpose: 3 layers, hidden 48, 6 heads of 8, intermediate 84, vocab 101.
+_COMMON = dict(
+    hidden_size=48,
+    intermediate_size=84,
+    num_hidden_layers=3,
+    num_attention_heads=6,
+    vocab_size=101,
+    max_position_embeddings=64,
+)
+
+#: name -> (config class, model class, extra config); covers every supported family.
+TINY_KINDS = {
+    "llama_mha_tied": (LlamaConfig, LlamaForCausalLM, dict(num_key_value_heads=6, tie_word_embeddings=True)),
+    "llama_gqa_bias_untied": (
+        LlamaConfig,
+        LlamaForCausalLM,
+        dict(num_key_value_heads=2, tie_word_embeddings=False, attention_bias=True, mlp_bias=True),
+    ),
+    "mistral_gqa_untied": (
+        MistralConfig,
+        MistralForCausalLM,
+        dict(num_key_value_heads=2, tie_word_embeddings=False),
+    ),
+    "qwen2_gqa_bias_tied": (
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        dict(num_key_value_heads=3, tie_word_embeddings=True),
+    ),
+}
+
+#: A target reachable from every tiny kind (MHA sources keep one query head per group).
+TINY_TARGETS = {
+    "llama_mha_tied": "layers=2,hidden=36,heads=4,intermediate=50",  # LlamaConfig: hidden % heads == 0
+    "llama_gqa_bias_untied": "layers=2,hidden=34,heads=2,kv_heads=1,intermediate=50",
+    "mistral_gqa_untied": "layers=2,hidden=34,heads=2,kv_heads=1,intermediate=50",
+    "qwen2_gqa_bias_tied": "layers=2,hidden=34,heads=2,kv_heads=2,intermediate=50",
+}
+
+
+def make_tiny(kind: str, seed: int = 0):
+    """A tiny random model of the given kind in eval mode, fp32, with non-trivial norms and biases."""
+    cfg_cls, model_cls, extra = TINY_KINDS[kind]
+    torch.manual_seed(seed)
+    model = model_cls(cfg_cls(**_COMMON, **extra)).eval()
+    with torch.no_grad():
+        # Hugging Face initialises norms to 1 and biases to 0; randomise them so that a
+        # misplaced mask or a wrong fold cannot hide behind ones and zeros.
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                p.normal_(0, 0.1)
+    return model
+
+
+@pytest.fixture(params=sorted(TINY_KINDS))
+def tiny_kind(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tokens() -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 101, (2, 13), generator=g)

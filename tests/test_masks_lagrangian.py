@@ -1,0 +1,123 @@
+"""Mask planning, expected sizes, the Lagrangian and the optimiser groups."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY_TARGETS, make_tiny
+from test_arch_target import LLAMA2_7B, SRC
+
+from shear.arch import Arch
+from shear.errors import ShearError
+from shear.lagrangian import Lagrangian, build_optimizer
+from shear.masks import MASK_TYPES, HardConcreteMasks, expected_prunable_params, plan_masks
+from shear.target import resolve_target
+
+SMOL_TARGET = "layers=24,hidden=384,heads=6,kv_heads=2,intermediate=1024"
+
+
+def test_default_plan_covers_every_shrunk_dimension():
+    t = resolve_target(SRC, SMOL_TARGET)
+    specs = plan_masks(SRC, t)
+    # 9 heads in 3 groups -> 6 in 2 groups: KV groups shrink, heads per group (3) do not
+    assert [(s.name, s.shape, s.target) for s in specs] == [
+        ("layer", (30,), 24),
+        ("kv", (30, 3), 2),
+        ("intermediate", (30, 1536), 1024),
+        ("hidden", (576,), 384),
+    ]
+    assert specs[0].target_sparsity == pytest.approx(0.2)
+
+
+def test_paper_fractions_for_the_llama2_targets():
+    t13 = resolve_target(LLAMA2_7B, "hidden=2048,layers=24,heads=16,intermediate=5504")
+    fr = {s.name: round(s.target_sparsity, 3) for s in plan_masks(LLAMA2_7B, t13)}
+    assert fr == {"layer": 0.25, "kv": 0.5, "intermediate": 0.5, "hidden": 0.5}
+    t27 = resolve_target(LLAMA2_7B, "hidden=2560,layers=32,heads=20,intermediate=6912")
+    fr = {s.name: round(s.target_sparsity, 3) for s in plan_masks(LLAMA2_7B, t27)}
+    assert fr == {"kv": 0.375, "intermediate": 0.372, "hidden": 0.375}
+
+
+def test_chosen_types_must_cover_the_target():
+    t = resolve_target(SRC, SMOL_TARGET)
+    with pytest.raises(ShearError, match="shrinks hidden"):
+        plan_masks(SRC, t, ["layer", "kv", "intermediate"])
+    with pytest.raises(ShearError, match="unknown mask type"):
+        plan_masks(SRC, t, ["layer", "kv", "intermediate", "hidden", "heads"])
+    specs = plan_masks(SRC, t, MASK_TYPES)
+    assert {s.name: s.target for s in specs}["head_layer"] == 30  # keeps every layer's attention
+    assert {s.name: s.shape for s in specs}["head"] == (30, 3)
+
+
+def test_init_and_clamp():
+    t = resolve_target(SRC, SMOL_TARGET)
+    m = HardConcreteMasks(SRC, t, generator=torch.Generator().manual_seed(0))
+    la = m.log_alpha["intermediate"]
+    assert la.mean().item() == pytest.approx(5.0, abs=1e-3)
+    assert la.std().item() == pytest.approx(0.01, rel=0.05)
+    m.clamp_()
+    assert torch.all((la - 4.60517).abs() < 1e-5)
+
+
+@pytest.mark.parametrize("kind", sorted(TINY_TARGETS))
+def test_expected_params_exact_at_zero_one(kind):
+    model = make_tiny(kind)
+    src = Arch.from_config(model.config)
+    t = resolve_target(src, TINY_TARGETS[kind])
+    m = HardConcreteMasks(src, t, MASK_TYPES, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for la in m.log_alpha.values():
+            la.normal_(0, 2)
+    ones = {k: torch.ones_like(v, dtype=torch.float64) for k, v in m.log_alpha.items()}
+    assert expected_prunable_params(src, ones).item() == src.prunable_params()
+    indicators = {k: (v != 0).double() for k, v in m.deterministic().items()}
+    assert expected_prunable_params(src, indicators).item() == t.prunable_params()
+    # differentiable in every log_alpha
+    m.expected_params().backward()
+    assert all(la.grad.abs().sum() > 0 for la in m.log_alpha.values())
+
+
+def test_lagrangian_value_warmup_and_gradients():
+    t = resolve_target(SRC, SMOL_TARGET)
+    m = HardConcreteMasks(SRC, t)
+    lag = Lagrangian(m, warmup_steps=100)
+    assert lag.target_at("hidden", 0) == 0
+    assert lag.target_at("hidden", 50) == pytest.approx(1 / 6)
+    assert lag.target_at("hidden", 1000) == pytest.approx(1 / 3)
+    with torch.no_grad():
+        lag.lambda_1["hidden"].fill_(2.0)
+        lag.lambda_2["hidden"].fill_(3.0)
+    e = {"hidden": torch.tensor(0.1, requires_grad=True), "layer": torch.tensor(0.0, requires_grad=True)}
+    total, terms = lag(e, step=50)
+    gap = 0.1 - 1 / 6
+    assert terms["hidden"].item() == pytest.approx(2 * gap + 3 * gap * gap)
+    assert total.item() == pytest.approx(terms["hidden"].item() + terms["layer"].item())
+    total.backward()
+    assert lag.lambda_1["hidden"].grad.item() == pytest.approx(gap)
+    assert lag.lambda_2["hidden"].grad.item() == pytest.approx(gap * gap)
+    assert e["hidden"].grad.item() == pytest.approx(2 + 2 * 3 * gap)
+
+
+def test_optimizer_groups_descend_and_ascend():
+    model = make_tiny("qwen2_gqa_bias_tied")
+    src = Arch.from_config(model.config)
+    m = HardConcreteMasks(src, resolve_target(src, TINY_TARGETS["qwen2_gqa_bias_tied"]))
+    lag = Lagrangian(m)
+    opt = build_optimizer(model, m, lag, lr_weights=1e-4, lr_masks=0.5, lr_lambdas=0.25)
+    by_name = {g["name"]: g for g in opt.param_groups}
+    assert [g["name"] for g in opt.param_groups] == ["weights", "log_alpha", "lambdas"]
+    assert (by_name["weights"]["lr"], by_name["log_alpha"]["lr"], by_name["lambdas"]["lr"]) == (
+        1e-4,
+        0.5,
+        0.25,
+    )
+    assert by_name["lambdas"]["maximize"] and not by_name["log_alpha"]["maximize"]
+    assert by_name["weights"]["betas"] == (0.9, 0.95)
+    assert len(by_name["weights"]["params"]) == len(list(model.parameters()))
+    # below target (e < t): lambda_1 has gradient e - t < 0, so ascent lowers it
+    total, _ = lag(m.expected_sparsity(), step=0)
+    total.backward()
+    opt.step()
+    assert all(v.item() < 0 for v in lag.lambda_1.values())
+    with pytest.raises(ValueError, match="positive"):
+        build_optimizer(model, m, lag, lr_lambdas=-1.0)
