@@ -212,3 +212,17 @@ def test_fixed_masks_are_checked():
     with pytest.raises(ShearError, match="shape"):
         with masks.fixed({"intermediate": torch.ones(3, 5)}):
             pass
+
+
+def test_default_model_all_ones_equal_the_unpatched_model():
+    from shear.loading import load_source
+
+    model, tok = load_source("default")
+    ids = tok(
+        "The masked model must equal the plain one when every mask is one.", return_tensors="pt"
+    ).input_ids
+    ref = _logits(model, ids)
+    masks = apply_masks(model, "layers=24,hidden=384,heads=6,kv_heads=2,intermediate=1024", types=ALL)
+    with masks.fixed(masks.ones()):
+        torch.testing.assert_close(_logits(model, ids), ref, rtol=0, atol=1e-5)
+    remove_masks(model)
