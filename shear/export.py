@@ -33,7 +33,7 @@ from torch import nn
 
 from shear.arch import Arch
 from shear.errors import ShearError
-from shear.masks import HardConcreteMasks
+from shear.masks import HardConcreteMasks, product
 
 
 @dataclass
@@ -102,14 +102,6 @@ def _kept(z: torch.Tensor | None, size: int) -> tuple[torch.Tensor, torch.Tensor
     return idx, z.detach().cpu().float()[idx]
 
 
-def _scale(*factors: torch.Tensor | float | None) -> torch.Tensor | None:
-    out = None
-    for f in factors:
-        if f is not None:
-            out = f if out is None else out * f
-    return out
-
-
 def _uniform(counts: list[int], what: str, expected: int) -> None:
     if any(c != expected for c in counts):
         raise ShearError(
@@ -156,7 +148,7 @@ def export_plan(
         kv_counts.append(len(groups))
         head_counts.append(len(within))
         heads = (groups[:, None] * n + within[None, :]).flatten()
-        head_scale = _scale(
+        head_scale = product(
             g_scale[:, None] if g_scale is not None else None,
             j_scale[None, :] if j_scale is not None else None,
         )
@@ -168,8 +160,8 @@ def export_plan(
             o_col_scale = head_scale.expand(len(groups), len(within)).reshape(-1, 1).expand(-1, dh).flatten()
         head_layer = z["head_layer"][old] if "head_layer" in z else None
         mlp_z = z["mlp"][old] if "mlp" in z else None
-        attn_out = _scale(hid_scale, lz, head_layer)
-        mlp_out = _scale(hid_scale, lz, mlp_z)
+        attn_out = product(hid_scale, lz, head_layer)
+        mlp_out = product(hid_scale, lz, mlp_z)
         channels, c_scale = _kept(z["intermediate"][old] if "intermediate" in z else None, src.intermediate)
         int_counts.append(len(channels))
 

@@ -142,7 +142,8 @@ class LayerMasks:
     hidden: torch.Tensor | None
 
 
-def _mul(*factors: torch.Tensor | None) -> torch.Tensor | None:
+def product(*factors: torch.Tensor | None) -> torch.Tensor | None:
+    """Product of the factors that are not None (None if all are): absent masks multiply by 1."""
     out = None
     for f in factors:
         if f is not None:
@@ -163,8 +164,8 @@ def combine_layer_masks(source: Arch, z: dict[str, torch.Tensor]) -> LayerMasks:
     L, d = source.layers, source.hidden
     hidden = z.get("hidden")
     layer = z.get("layer")
-    attn_scale = _mul(layer, z.get("head_layer"))  # [L]
-    mlp_scale = _mul(layer, z.get("mlp"))
+    attn_scale = product(layer, z.get("head_layer"))  # [L]
+    mlp_scale = product(layer, z.get("mlp"))
 
     def out_mask(scale: torch.Tensor | None) -> torch.Tensor | None:
         if scale is None and hidden is None:
@@ -177,7 +178,7 @@ def combine_layer_masks(source: Arch, z: dict[str, torch.Tensor]) -> LayerMasks:
     head, kv = z.get("head"), z.get("kv")
     if head is not None or kv is not None:
         n, G = source.heads_per_group, source.kv_heads
-        per_head = _mul(
+        per_head = product(
             kv[:, :, None] if kv is not None else None,
             head[:, None, :] if head is not None else None,
         ).expand(L, G, n)
