@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
-from transformers import (
+
+# Without a GPU the Triton kernels run in the interpreter; it must be on before the first
+# @triton.jit is decorated (when shear.kernels is imported), so set it here, first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+from transformers import (  # noqa: E402
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
