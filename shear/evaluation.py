@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -79,13 +80,31 @@ def perplexity(
     if tail.numel() >= 2:
         batches.append(tail.unsqueeze(0))
 
+    total_nll, total_tokens = token_nll(model, batches)
+    return math.exp(total_nll / total_tokens)
+
+
+def token_nll(model: torch.nn.Module, batches: Iterable[torch.Tensor]) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood over batches of sequences, and the token count.
+
+    Runs without gradients in eval mode (so a masked model uses its deterministic masks);
+    the model's training mode is restored.
+
+    Args:
+        model: a causal LM.
+        batches: LongTensors ``[batch, seq]``; each sequence predicts its tokens 2..seq.
+
+    Returns:
+        ``(sum of NLL, number of predicted tokens)``.
+    """
+    device = _model_device(model)
     was_training = model.training
     model.eval()
-    total_nll = 0.0
-    total_tokens = 0
+    total_nll, total_tokens = 0.0, 0
     try:
         with torch.no_grad():
             for batch in batches:
+                batch = batch.to(device)
                 logits = model(input_ids=batch, use_cache=False).logits
                 pred = logits[:, :-1, :].float()
                 target = batch[:, 1:]
@@ -94,4 +113,29 @@ def perplexity(
                 total_tokens += target.numel()
     finally:
         model.train(was_training)
-    return math.exp(total_nll / total_tokens)
+    return total_nll, total_tokens
+
+
+def domain_losses(
+    model: torch.nn.Module, eval_sets: dict[str, torch.Tensor], batch_size: int = 4
+) -> dict[str, float]:
+    """Mean next-token loss per data domain (perplexity = exp of it).
+
+    Args:
+        model: a causal LM (a masked model uses its deterministic masks here).
+        eval_sets: ``{domain: LongTensor [sequences, seq_len]}`` (held-out data).
+        batch_size: sequences per forward pass.
+
+    Returns:
+        ``{domain: mean loss}``.
+
+    Raises:
+        ShearError: a domain without evaluation data (never a NaN).
+    """
+    out = {}
+    for domain, seqs in eval_sets.items():
+        if seqs.dim() != 2 or seqs.shape[0] == 0 or seqs.shape[1] < 2:
+            raise ShearError(f"domain {domain!r} has no evaluation sequences")
+        nll, n = token_nll(model, seqs.split(batch_size))
+        out[domain] = nll / n
+    return out

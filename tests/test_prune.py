@@ -1,0 +1,159 @@
+"""The pruning driver: exact resume, non-finite loss, full disk, bad input, 2-process DDP."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from shear import checkpoint as ckpt_mod
+from shear.checkpoint import load, save_atomic
+from shear.errors import ShearError
+from shear.machine_corpus import build_machine_corpus
+from shear.prune import PruneConfig, PruningObjective, run_prune
+
+TARGET = "layers=2,hidden=48,heads=2,kv_heads=1,intermediate=64"
+
+
+@pytest.fixture(scope="module")
+def tiny_source(tmp_path_factory):
+    """A tiny random GQA Llama with the default model's real tokenizer."""
+    from shear.loading import load_source
+
+    _, tok = load_source("default")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=len(tok), tie_word_embeddings=True,
+                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)  # fmt: skip
+    path = tmp_path_factory.mktemp("src") / "tiny"
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(build_machine_corpus(tmp_path_factory.mktemp("data") / "corpus", max_bytes_per_domain=30_000))
+
+
+def _cfg(src, data, out, **kw):
+    base = dict(model=src, target=TARGET, data=data, out=str(out), steps=6, batch_size=4, seq_len=32,
+                eval_interval=3, checkpoint_interval=3, target_warmup=0.5, export=False)  # fmt: skip
+    base.update(kw)
+    return PruneConfig(**base)
+
+
+def _losses(run_dir):
+    lines = [json.loads(x) for x in open(os.path.join(run_dir, "log.jsonl"))]
+    return [r["loss"] for r in lines if "loss" in r], [r for r in lines if "eval" in r]
+
+
+def test_resume_continues_exactly(tiny_source, data_dir, tmp_path):
+    run_prune(_cfg(tiny_source, data_dir, tmp_path / "straight"))
+    run_prune(_cfg(tiny_source, data_dir, tmp_path / "split", stop_after=3))
+    assert load(tmp_path / "split" / "checkpoint.pt")["step"] == 3
+    with pytest.raises(ShearError, match="already holds a run"):
+        run_prune(_cfg(tiny_source, data_dir, tmp_path / "split"))
+    run_prune(_cfg(tiny_source, data_dir, tmp_path / "split", resume=True))
+    straight, split = _losses(tmp_path / "straight"), _losses(tmp_path / "split")
+    assert len(straight[0]) == 6 and straight[0] == split[0]  # same losses, bit for bit
+    assert straight[1] == split[1]  # same evaluations
+    a, b = load(tmp_path / "straight" / "checkpoint.pt"), load(tmp_path / "split" / "checkpoint.pt")
+    for k in a["masks"]:
+        assert torch.equal(a["masks"][k], b["masks"][k]), k
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["sampler"]["cursor"] == b["sampler"]["cursor"]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_source, data_dir, tmp_path, monkeypatch):
+    forward = PruningObjective.forward
+
+    def poisoned(self, input_ids, step):
+        lm, lag = forward(self, input_ids, step)
+        return (lm * float("nan"), lag) if step >= 4 else (lm, lag)
+
+    monkeypatch.setattr(PruningObjective, "forward", poisoned)
+    with pytest.raises(ShearError, match=r"loss became nan at step 5.*step 3"):
+        run_prune(_cfg(tiny_source, data_dir, tmp_path / "run"))
+    assert load(tmp_path / "run" / "checkpoint.pt")["step"] == 3
+
+
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "c.pt"
+    save_atomic({"step": 1, "w": torch.ones(3)}, path)
+
+    def full_disk(obj, f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", full_disk)
+    with pytest.raises(ShearError, match="No space left on device.*previous one is kept"):
+        save_atomic({"step": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert load(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(model="/nonexistent/model"), "not found"),
+        (dict(data="/nonexistent/data"), "data folder not found"),
+        (dict(target="hidden=4096"), "larger than the source"),
+        (dict(steps=0), "steps must be positive"),
+        (dict(resume=True), "no checkpoint"),
+    ],
+)
+def test_bad_input(tiny_source, data_dir, tmp_path, change, message):
+    with pytest.raises(ShearError, match=message):
+        run_prune(dataclasses.replace(_cfg(tiny_source, data_dir, tmp_path / "run"), **change))
+
+
+def test_empty_domain(tiny_source, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "prose.txt").write_text("Some words. " * 500)
+    (data / "empty.txt").write_text("  \n")
+    with pytest.raises(ShearError, match="'empty'.*no text"):
+        run_prune(_cfg(tiny_source, str(data), tmp_path / "run"))
+
+
+_DDP_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from shear.prune import PruneConfig, run_prune
+    run_prune(PruneConfig(**json.loads(sys.argv[1])))
+    """
+)
+
+
+def test_two_gloo_processes_match_one(tiny_source, data_dir, tmp_path):
+    cfg = _cfg(tiny_source, data_dir, tmp_path / "one", steps=3, checkpoint_interval=3, eval_interval=3)
+    run_prune(cfg)
+    two = dict(cfg.__dict__, out=str(tmp_path / "two"))
+    script = tmp_path / "ddp.py"
+    script.write_text(_DDP_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+         str(script), json.dumps(two)],
+        check=True, env=env, capture_output=True, timeout=300,
+    )  # fmt: skip
+    one_losses, one_eval = _losses(tmp_path / "one")
+    two_losses, two_eval = _losses(tmp_path / "two")
+    # same global batch and masks; only the reduction order differs (fp32)
+    assert two_losses == pytest.approx(one_losses, rel=1e-5)
+    a, b = load(tmp_path / "one" / "checkpoint.pt"), load(tmp_path / "two" / "checkpoint.pt")
+    for k in a["masks"]:
+        torch.testing.assert_close(a["masks"][k], b["masks"][k], rtol=1e-5, atol=1e-6)
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-6)
