@@ -4,15 +4,29 @@
 counts and, with a target, the target's counts, the masks a run would learn and the
 fractions it would prune. MODEL is a model folder, ``default`` or a bare config.json.
 
+``shear doctor [--build] [--verbose] [--json]``: whether the C++ gather extension for
+export is built (by setup.py or in the cache), whether it could be, and the backend an
+export would use; ``--build`` compiles it now.
+
+``shear prune --model SRC --target TARGET --data DATA --out RUN_DIR [options]``: learn the
+masks, export the pruned model, write report.md and plots (see :mod:`shear.prune`).
+
+``shear eval --model M --data DATA [--json]``: per-domain perplexity on held-out data.
+
+``shear demo [--out DIR]``: the main job on the embedded default model.
+
 Errors in the input print one line (``shear: error: ...``) and exit with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from shear.arch import Arch
@@ -104,6 +118,214 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+_PRUNE_HELP = {
+    "steps": "optimiser steps",
+    "batch_size": "sequences per micro-batch (global, across ranks)",
+    "grad_accum": "micro-batches per optimiser step (one mask sample each)",
+    "seq_len": "tokens per sequence",
+    "lr_weights": "learning rate of the model weights",
+    "lr_masks": "learning rate of log_alpha",
+    "lr_lambdas": "step size of the gradient ascent on the Lagrange multipliers",
+    "lr_warmup": "fraction of the steps with linear learning-rate warm-up (then cosine to 0.1x)",
+    "min_lr_ratio": "final learning rate as a fraction of the peak",
+    "target_warmup": "fraction of the steps over which the target sparsities ramp up from 0",
+    "eval_interval": "evaluate per domain every N steps (deterministic masks)",
+    "checkpoint_interval": "checkpoint every N steps",
+    "eval_sequences": "held-out sequences per domain",
+    "max_train_sequences": "cap on training sequences per domain",
+    "max_grad_norm": "gradient clipping norm (weights and log_alpha)",
+    "seed": "random seed (masks, data order)",
+    "precision": "auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16",
+    "device": "auto, cpu or cuda[:N]",
+    "stop_after": "stop (with a checkpoint) after this many steps; continue later with --resume",
+}
+
+
+def _add_prune_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+    """Options generated from PruneConfig, so names, types and defaults live in one place."""
+    from shear.prune import PruneConfig
+
+    for f in dataclasses.fields(PruneConfig):
+        if f.name not in _PRUNE_HELP:
+            continue
+        default = defaults.get(f.name, f.default)
+        kind = {"int": int, "float": float, "str": str}.get(str(f.type).split(" ")[0], None)
+        kind = kind or (int if f.name in ("max_train_sequences", "stop_after") else str)
+        p.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=kind,
+            default=default,
+            help=f"{_PRUNE_HELP[f.name]} (default: {default})",
+        )
+
+
+def _prune_config(args: argparse.Namespace, **fixed: Any) -> Any:
+    from shear.prune import PruneConfig
+
+    values = {k: getattr(args, k) for k in _PRUNE_HELP}
+    values.update(fixed)
+    return PruneConfig(**values)
+
+
+def _print_result(r: dict[str, Any]) -> None:
+    print(f"run folder:     {r['out']}")
+    if r.get("export"):
+        print(f"pruned model:   {r['export']}")
+        print(f"report:         {r['report']}")
+        print(f"plots:          {Path(r['out']) / 'plots'}")
+    else:
+        print(f"stopped after step {r['steps']}: continue with --resume")
+    if r.get("final_eval"):
+        ppl = ", ".join(f"{d} {math.exp(v):.2f}" for d, v in r["final_eval"].items())
+        print(f"perplexity (masked, held out): {ppl}")
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from shear.prune import run_prune
+
+    cfg = _prune_config(
+        args,
+        model=args.model,
+        target=args.target,
+        data=args.data,
+        out=args.out,
+        mask_types=args.types,
+        resume=args.resume,
+        export=not args.no_export,
+    )
+    _print_result(run_prune(cfg))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from shear.data import build_corpus
+    from shear.evaluation import domain_losses
+    from shear.loading import load_source
+
+    model, tokenizer = load_source(args.model)
+    if tokenizer is None:
+        raise ShearError(f"{args.model} has no tokenizer; shear eval needs one to read --data")
+    corpus = build_corpus(args.data, tokenizer, args.seq_len, args.eval_sequences)
+    losses = domain_losses(model, corpus.eval, batch_size=args.batch_size)
+    result = {
+        "model": args.model,
+        "data": args.data,
+        "seq_len": args.seq_len,
+        "domains": {
+            d: {"loss": v, "perplexity": math.exp(v), "tokens": corpus.eval[d].numel()}
+            for d, v in losses.items()
+        },
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{'domain':<20}{'perplexity':>12}{'loss':>10}{'tokens':>10}")
+        for d, r in result["domains"].items():
+            print(f"{d:<20}{r['perplexity']:>12.2f}{r['loss']:>10.4f}{r['tokens']:>10}")
+    return 0
+
+
+#: The demo's target for SmolLM2-135M (README explains the choice).
+DEMO_TARGET = "layers=24,hidden=384,heads=6,kv_heads=2,intermediate=1024"
+#: Budgets: about 10 minutes on 2 CPU cores; larger where a GPU is present.
+DEMO_BUDGET_CPU = dict(steps=80, batch_size=4, seq_len=128, eval_interval=20, checkpoint_interval=40,
+                       target_warmup=0.5, lr_warmup=0.1, max_train_sequences=None)  # fmt: skip
+DEMO_BUDGET_GPU = dict(steps=400, batch_size=16, seq_len=512, eval_interval=100, checkpoint_interval=200,
+                       target_warmup=0.5, lr_warmup=0.1, max_train_sequences=None)  # fmt: skip
+
+
+def _demo_defaults() -> dict[str, Any]:
+    import torch
+
+    return DEMO_BUDGET_GPU if torch.cuda.is_available() else DEMO_BUDGET_CPU
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from shear.machine_corpus import build_machine_corpus
+    from shear.prune import run_prune
+
+    out = Path(args.out)
+    data = args.data or str(build_machine_corpus(out / "data"))
+    run = out / "run"
+    resume = (run / "checkpoint.pt").exists()
+    if resume:
+        print(f"shear demo: resuming the run in {run}", file=sys.stderr)
+    cfg = _prune_config(args, model="default", target=DEMO_TARGET, data=data, out=str(run), resume=resume)
+    print(f"shear demo: pruning SmolLM2-135M-Instruct to {DEMO_TARGET} on {data}", file=sys.stderr)
+    _print_result(run_prune(cfg))
+    return 0
+
+
+def doctor(build: bool = False, verbose: bool = False) -> dict[str, Any]:
+    """Everything ``shear doctor`` reports, as a JSON-ready dict.
+
+    Args:
+        build: compile the C++ gather extension now if it is not built.
+        verbose: show the compiler's output while building.
+
+    Returns:
+        ``{"torch", "python", "threads", "extension": {...}, "export_backend"}``.
+
+    Raises:
+        ShearError: ``build`` was asked and the extension cannot be built.
+    """
+    import platform
+
+    import torch
+
+    from shear.export import BACKEND_ENV
+    from shear.extension import extension_status, load_extension
+
+    if build:
+        load_extension(build=True, verbose=verbose)
+    status = extension_status()
+    requested = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    if requested == "torch":
+        backend = "torch (requested)"
+    elif status.available:
+        backend = "cpp"
+    elif status.can_build and requested in ("auto", "cpp"):
+        backend = "cpp (after compiling the extension on first use)"
+    else:
+        backend = "error: the extension is unavailable" if requested == "cpp" else "torch (extension unavailable)"
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "extension": status.as_dict(),
+        "export_backend": {"requested": requested, "uses": backend},
+    }
+
+
+def _format_doctor(r: dict[str, Any]) -> str:
+    ext = r["extension"]
+    if ext["available"]:
+        state = f"built ({ext['origin']}): {ext['path']}"
+    elif ext["can_build"]:
+        state = f"not built; compiles on first use (about 30 s) into {ext['cache_dir']}"
+    else:
+        state = "unavailable"
+    lines = [
+        f"torch {r['torch']}, Python {r['python']}, {r['threads']} threads",
+        f"C++ gather extension: {state}",
+    ]
+    if ext["reason"] and not ext["available"]:
+        lines.append(f"  why: {ext['reason']}")
+    lines += [
+        f"  compiler: {ext['compiler']}",
+        f"  ninja: {ext['ninja'] or 'not found'}",
+        f"  source: {ext['source'] or 'not installed'}",
+        f"export backend ({r['export_backend']['requested']}): {r['export_backend']['uses']}",
+    ]
+    return "\n".join(lines)
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    r = doctor(args.build, args.verbose)
+    print(json.dumps(r, indent=2) if args.json else _format_doctor(r))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``shear`` command."""
     p = argparse.ArgumentParser(prog="shear", description=__doc__.split("\n\n")[0])
@@ -123,6 +345,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pi.add_argument("--json", action="store_true", help="print one JSON object")
     pi.set_defaults(func=_cmd_info)
+
+    pp = sub.add_parser("prune", help="learn masks to a target, then export the pruned model and a report")
+    pp.add_argument("--model", required=True, help="source: a model folder or 'default'")
+    pp.add_argument("--target", required=True, help="target sizes or config (as in shear info)")
+    pp.add_argument(
+        "--data", required=True, help="data folder: one sub-folder or .txt/.jsonl file per domain"
+    )
+    pp.add_argument("--out", required=True, help="run folder (log, checkpoint, export, report)")
+    pp.add_argument("--types", nargs="+", choices=MASK_TYPES, help="mask types to learn")
+    pp.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    pp.add_argument("--no-export", action="store_true", help="skip the export and report at the end")
+    _add_prune_options(pp, {})
+    pp.set_defaults(func=_cmd_prune)
+
+    pe = sub.add_parser("eval", help="per-domain perplexity of a model on held-out data")
+    pe.add_argument("--model", required=True, help="a model folder or 'default'")
+    pe.add_argument("--data", required=True, help="data folder (as for prune)")
+    pe.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: 256)")
+    pe.add_argument(
+        "--eval-sequences", type=int, default=4, help="held-out sequences per domain (default: 4)"
+    )
+    pe.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default: 4)")
+    pe.add_argument("--json", action="store_true", help="print one JSON object")
+    pe.set_defaults(func=_cmd_eval)
+
+    pd = sub.add_parser("demo", help="prune the embedded default model end to end (about 10 minutes on CPU)")
+    pd.add_argument("--out", default="runs/demo", help="demo folder (default: runs/demo)")
+    pd.add_argument("--data", help="data folder (default: a small corpus from text on this machine)")
+    _add_prune_options(pd, _demo_defaults())
+    pd.set_defaults(func=_cmd_demo, types=None)
     return p
 
 

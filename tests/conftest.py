@@ -77,6 +77,30 @@ def make_tiny(kind: str, seed: int = 0):
     return model
 
 
+@pytest.fixture(scope="session")
+def tiny_source(tmp_path_factory):
+    """A tiny random GQA Llama with the default model's real tokenizer, saved to a folder."""
+    from shear.loading import load_source
+
+    _, tok = load_source("default")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=len(tok), tie_word_embeddings=True,
+                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)  # fmt: skip
+    path = tmp_path_factory.mktemp("src") / "tiny"
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """A small real multi-domain data folder (text on this machine)."""
+    from shear.machine_corpus import build_machine_corpus
+
+    return str(build_machine_corpus(tmp_path_factory.mktemp("data") / "corpus", max_bytes_per_domain=30_000))
+
+
 @pytest.fixture(params=sorted(TINY_KINDS))
 def tiny_kind(request) -> str:
     return request.param

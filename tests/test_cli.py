@@ -104,3 +104,35 @@ def test_console_script_and_default_model(capsys):
     assert r["source"]["architecture"] == "LlamaForCausalLM"
     assert (r["source"]["heads"], r["source"]["kv_heads"], r["source"]["tied"]) == (9, 3, True)
     assert [m["name"] for m in r["masks"]] == ["layer", "kv", "intermediate", "hidden"]
+
+
+def test_prune_and_eval_commands(tiny_source, data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    target = "layers=2,hidden=48,heads=2,kv_heads=1,intermediate=64"
+    argv = ["prune", "--model", tiny_source, "--target", target, "--data", data_dir, "--out", str(out),
+            "--steps", "4", "--batch-size", "2", "--seq-len", "32", "--eval-interval", "2"]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert str(out / "export") in printed and "report.md" in printed
+    cfg = json.loads((out / "export" / "config.json").read_text())
+    assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"]) == (2, 48, 2)
+    assert (cfg["num_key_value_heads"], cfg["intermediate_size"]) == (1, 64)
+    report = (out / "report.md").read_text()
+    assert "| pruned | 2 | 48 | 2 | 1 | 64 |" in report
+    assert all((out / "plots" / f"{n}.png").stat().st_size > 1000 for n in ("loss", "dims", "lambdas"))
+    steps = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in steps if "eval" in r] == [2, 4]
+
+    assert (
+        main(["eval", "--model", str(out / "export"), "--data", data_dir, "--seq-len", "32", "--json"]) == 0
+    )
+    r = json.loads(capsys.readouterr().out)
+    assert set(r["domains"]) == {"code", "licenses", "changelogs"} or len(r["domains"]) >= 2
+    assert all(d["perplexity"] > 1 for d in r["domains"].values())
+
+    assert main(argv) == 2  # the run folder holds a run: --resume or another --out
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(["prune", "--model", tiny_source, "--target", target, "--data", str(tmp_path / "nodata"),
+                 "--out", str(tmp_path / "r2")]) == 2  # fmt: skip
+    assert "data folder not found" in capsys.readouterr().err

@@ -12,36 +12,13 @@ import textwrap
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from shear import checkpoint as ckpt_mod
 from shear.checkpoint import load, save_atomic
 from shear.errors import ShearError
-from shear.machine_corpus import build_machine_corpus
 from shear.prune import PruneConfig, PruningObjective, run_prune
 
 TARGET = "layers=2,hidden=48,heads=2,kv_heads=1,intermediate=64"
-
-
-@pytest.fixture(scope="module")
-def tiny_source(tmp_path_factory):
-    """A tiny random GQA Llama with the default model's real tokenizer."""
-    from shear.loading import load_source
-
-    _, tok = load_source("default")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=len(tok), tie_word_embeddings=True,
-                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)  # fmt: skip
-    path = tmp_path_factory.mktemp("src") / "tiny"
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(build_machine_corpus(tmp_path_factory.mktemp("data") / "corpus", max_bytes_per_domain=30_000))
 
 
 def _cfg(src, data, out, **kw):
