@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from shear import dispatch
 from shear.masks import HardConcreteMasks
-from shear.ops import masked_linear, masked_rms_norm
 
 
 @dataclass(eq=False)
@@ -59,7 +59,7 @@ class MaskedLinearMixin:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m_in, m_out = self.shear_slot.get()
-        return masked_linear(x, self.weight, self.bias, m_in, m_out)
+        return dispatch.masked_linear(x, self.weight, self.bias, m_in, m_out)
 
 
 class MaskedRMSNormMixin:
@@ -69,7 +69,39 @@ class MaskedRMSNormMixin:
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         (z,) = self.shear_slot.get()
-        return masked_rms_norm(hidden_states, self.weight, z, self.variance_epsilon)
+        return dispatch.masked_rms_norm(hidden_states, self.weight, z, self.variance_epsilon)
+
+
+class MaskedAttentionMixin:
+    """Attention whose per-query-head mask is visible to shear's attention function.
+
+    The forward stays Hugging Face's; :func:`shear.dispatch.attention` reads
+    ``shear_head_mask`` to skip heads whose mask is exactly 0 (o_proj applies the mask).
+    """
+
+    shear_slot: MaskSlot
+
+    @property
+    def shear_head_mask(self) -> torch.Tensor | None:
+        (m,) = self.shear_slot.get()
+        return None if m is None else m.view(-1, self.head_dim)[:, 0]
+
+
+class MaskedMLPMixin:
+    """SwiGLU MLP (gate_proj, up_proj, down_proj; silu) with the intermediate and output masks.
+
+    One op for the whole block, so the Triton path can fuse it (gate and up in one GEMM
+    pass, the activation in its epilogue, zero channels skipped).
+    """
+
+    shear_slot: MaskSlot
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m_int, m_out = self.shear_slot.get()
+        g, u, d = self.gate_proj, self.up_proj, self.down_proj
+        return dispatch.masked_swiglu_mlp(
+            x, g.weight, u.weight, d.weight, m_int, m_out, gate_bias=g.bias, up_bias=u.bias, down_bias=d.bias
+        )
 
 
 @functools.cache

@@ -235,14 +235,11 @@ class HardConcreteMasks(nn.Module):
 
     def sample(self) -> dict[str, torch.Tensor]:
         """One training sample of every mask (one per micro-batch, shared by its tokens)."""
-        out = {}
-        for name, la in self.log_alpha.items():
-            gen = (
-                self.generator if self.generator is not None and self.generator.device == la.device else None
-            )
-            u = hc.uniform_noise(la.shape, device=la.device, dtype=la.dtype, generator=gen)
-            out[name] = hc.hard_concrete_sample(la, u)
-        return out
+        from shear.dispatch import hard_concrete_sample_all
+
+        names = list(self.log_alpha)
+        z = hard_concrete_sample_all([self.log_alpha[n] for n in names], self.generator)
+        return dict(zip(names, z, strict=True))
 
     def deterministic(self) -> dict[str, torch.Tensor]:
         """Deterministic masks: exactly the target count of non-zeros per row."""

@@ -1,9 +1,9 @@
 """Apply hard-concrete masks to a Hugging Face LLaMA-family model in place, and undo it.
 
-Nothing of Hugging Face's modelling code is copied: the leaf modules where masks multiply
-(o_proj, up_proj, down_proj and every RMSNorm) switch to masked subclasses of their own
-class, and a forward pre-hook on the base model computes the masks once per forward pass
-(a fresh sample per micro-batch in training mode, the deterministic masks in eval mode).
+Nothing of Hugging Face's modelling code is copied: the modules where masks multiply
+(o_proj, the MLP and every RMSNorm) switch to masked subclasses of their own class, and a
+forward pre-hook on the base model computes the masks once per forward pass (a fresh
+sample per micro-batch in training mode, the deterministic masks in eval mode).
 Loss, ``generate`` and ``save_pretrained`` keep working; the state dict keeps its keys
 (the masks live in a separate :class:`~shear.masks.HardConcreteMasks` module).
 """
@@ -16,9 +16,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from shear import dispatch
 from shear.arch import Arch
 from shear.errors import ShearError
-from shear.masked_modules import MaskedLinearMixin, MaskedRMSNormMixin, MaskSlot, mask_module, unmask_module
+from shear.masked_modules import (
+    MaskedAttentionMixin,
+    MaskedLinearMixin,
+    MaskedMLPMixin,
+    MaskedRMSNormMixin,
+    MaskSlot,
+    mask_module,
+    unmask_module,
+)
 from shear.masks import HardConcreteMasks
 from shear.target import resolve_target
 
@@ -87,21 +96,23 @@ def attach_masks(model: nn.Module, masks: HardConcreteMasks) -> None:
     def field(name: str, present: bool) -> str | None:
         return name if present else None
 
+    head_masks = bool(types & {"head", "kv"})
     for i, layer in enumerate(decoder.layers):
         attn, mlp = layer.self_attn, layer.mlp
+        patch(attn, MaskedAttentionMixin, i, field("attn_in", head_masks))
         patch(
             attn.o_proj,
             MaskedLinearMixin,
             i,
-            field("attn_in", bool(types & {"head", "kv"})),
+            field("attn_in", head_masks),
             field("attn_out", bool(types & {"layer", "head_layer"}) or hidden),
         )
-        patch(mlp.up_proj, MaskedLinearMixin, i, None, field("int_out", "intermediate" in types))
+        _check_swiglu(mlp)
         patch(
-            mlp.down_proj,
-            MaskedLinearMixin,
+            mlp,
+            MaskedMLPMixin,
             i,
-            None,
+            field("int_out", "intermediate" in types),
             field("mlp_out", bool(types & {"layer", "mlp"}) or hidden),
         )
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
@@ -112,7 +123,19 @@ def attach_masks(model: nn.Module, masks: HardConcreteMasks) -> None:
         masks.refresh(module.training)
 
     hook = decoder.register_forward_pre_hook(refresh)
-    object.__setattr__(model, _STATE, (masks, hook, patched))
+    # On the Triton path attention runs shear's kernel (with head skipping); elsewhere the
+    # model keeps its own attention implementation.
+    original_attn = model.config._attn_implementation
+    if dispatch.use_triton(next(model.parameters())):
+        model.set_attn_implementation(dispatch.register_attention())
+    object.__setattr__(model, _STATE, (masks, hook, patched, original_attn))
+
+
+def _check_swiglu(mlp: nn.Module) -> None:
+    act = getattr(getattr(mlp, "config", None), "hidden_act", "silu")
+    parts = ("gate_proj", "up_proj", "down_proj")
+    if act not in ("silu", "swish") or not all(hasattr(mlp, n) for n in parts):
+        raise ShearError(f"shear masks SwiGLU MLPs (gate/up/down with silu); this model's MLP uses {act!r}")
 
 
 def remove_masks(model: nn.Module) -> None:
@@ -120,8 +143,10 @@ def remove_masks(model: nn.Module) -> None:
     state = getattr(model, _STATE, None)
     if state is None:
         return
-    masks, hook, patched = state
+    masks, hook, patched, original_attn = state
     hook.remove()
+    if model.config._attn_implementation != original_attn:
+        model.set_attn_implementation(original_attn)
     for module in patched:
         unmask_module(module)
     masks.current = None

@@ -198,8 +198,8 @@ def test_unmasked_modules_stay_untouched():
     model = make_tiny("mistral_gqa_untied")
     apply_masks(model, "intermediate=50")  # only the intermediate mask
     layer = model.model.layers[0]
-    assert type(layer.mlp.up_proj).__name__ == "MaskedLinear"
-    assert type(layer.self_attn.o_proj) is nn.Linear and type(layer.mlp.down_proj) is nn.Linear
+    assert type(layer.mlp).__name__ == "MaskedMistralMLP"  # the MLP block is one masked op
+    assert type(layer.self_attn.o_proj) is nn.Linear and type(layer.mlp.up_proj) is nn.Linear
     assert type(layer.input_layernorm).__name__ == "MistralRMSNorm"
 
 
