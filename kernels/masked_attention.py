@@ -571,6 +571,8 @@ def attention_forward(
     """
     check_launchable(q, k, v, head_mask)
     B, H, G, S, D = _check_inputs(q, k, v, head_mask)
+    if head_mask is not None:
+        head_mask = head_mask.contiguous()  # indexed as a dense [H] array in the kernels
     if out is None:
         out = torch.empty((B, S, H, D), dtype=q.dtype, device=q.device)
     acc, precision, upcast = _kernel_dtypes(q.dtype)
@@ -636,6 +638,8 @@ def attention_backward(
     """
     check_launchable(do, q, k, v, out, head_mask)
     B, H, G, S, D = _check_inputs(q, k, v, head_mask)
+    if head_mask is not None:
+        head_mask = head_mask.contiguous()  # indexed as a dense [H] array in the kernels
     dq = torch.empty((B, H, S, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, G, S, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, G, S, D), dtype=v.dtype, device=v.device)
@@ -736,7 +740,9 @@ class MaskedAttentionFunction(torch.autograd.Function):
         head_mask: torch.Tensor | None,
     ) -> torch.Tensor:
         if head_mask is not None:
-            head_mask = head_mask.detach()
+            # the kernel indexes the mask as a dense [H] array: a strided view (such as one
+            # element per head taken from a per-channel mask) would be read wrongly
+            head_mask = head_mask.detach().contiguous()
         out, lse = attention_forward(q, k, v, scaling, head_mask)
         ctx.scaling = scaling
         ctx.has_mask = head_mask is not None

@@ -84,7 +84,7 @@ class MaskedAttentionMixin:
     @property
     def shear_head_mask(self) -> torch.Tensor | None:
         (m,) = self.shear_slot.get()
-        return None if m is None else m.view(-1, self.head_dim)[:, 0]
+        return None if m is None else m.view(-1, self.head_dim)[:, 0].contiguous()
 
 
 class MaskedMLPMixin:

@@ -123,3 +123,35 @@ def test_bad_backend_value(monkeypatch, value):
     monkeypatch.setenv("SHEAR_KERNELS", value)
     with pytest.raises(ValueError, match="SHEAR_KERNELS"):
         dispatch.backend()
+
+
+def test_pruned_first_kv_group_skips_only_its_heads(monkeypatch):
+    """Heads of KV group 0 at exactly 0, the others on: only those heads may be skipped.
+
+    (A strided per-head mask read as dense once skipped every head of the layer.)"""
+    outs = {}
+    for backend in ("reference", "triton"):
+        monkeypatch.setenv("SHEAR_KERNELS", backend)
+        model = _model().eval()
+        masks = apply_masks(model, "kv_heads=1,heads=2", types=["kv"])
+        z = {"kv": torch.tensor([[0.0, 0.7], [0.0, 1.0]], device=DEVICE)}
+        ids = torch.arange(11, device=DEVICE)[None] % 67
+        with masks.fixed(z), torch.no_grad():
+            outs[backend] = model(ids).logits
+        remove_masks(model)
+    torch.testing.assert_close(outs["triton"], outs["reference"], rtol=2e-4, atol=2e-5)
+
+
+def test_strided_head_mask_is_read_correctly():
+    from shear.kernels.masked_attention import shear_causal_attention
+    from shear.ops import causal_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, n, 9, 16, generator=g).to(DEVICE) for n in (4, 2, 2))
+    per_channel = torch.tensor([0.0, 1.0, 1.0, 0.5], device=DEVICE).repeat_interleave(16)
+    strided = per_channel.view(4, 16)[:, 0]
+    assert not strided.is_contiguous()
+    out = shear_causal_attention(q, k, v, 0.25, strided)
+    torch.testing.assert_close(
+        out, causal_attention(q, k, v, 0.25, strided.contiguous()), rtol=1e-4, atol=1e-5
+    )
