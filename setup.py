@@ -2,9 +2,62 @@
 
 Install torch first (``pip install torch==2.13.0``, or the CUDA build on a GPU machine),
 then ``pip install --no-build-isolation -e ".[dev]"`` so that nothing pulls another torch.
+
+The C++ gather extension (``csrc/gather.cpp``, module ``shear._gather``) is compiled here
+when torch is importable and a C++ compiler works (ninja is used when it is on PATH). If
+not, the install still succeeds with a warning, and ``shear.extension`` compiles the
+extension into the shear cache on first use instead (``shear doctor`` tells which).
 """
 
+import hashlib
+import os
+import sys
+
 from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+GATHER_SOURCE = os.path.join("csrc", "gather.cpp")
+
+
+def _extension_args():
+    """``ext_modules`` and ``cmdclass`` for the C++ gather extension, or nothing."""
+    if os.environ.get("SHEAR_NO_EXTENSION"):
+        return {}
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:
+        print("shear: torch is not importable at build time; the C++ gather extension will be "
+              "compiled on first use (install with --no-build-isolation to build it now)",
+              file=sys.stderr)  # fmt: skip
+        return {}
+
+    class OptionalBuildExtension(BuildExtension):
+        """Never fail the install over the extension: warn, and leave it to the JIT build."""
+
+        def build_extensions(self):
+            try:
+                super().build_extensions()
+            except Exception as e:  # noqa: BLE001 (compiler missing or failing: any error)
+                self._skip(e)
+
+        def _skip(self, error):
+            for ext in self.extensions:
+                ext.optional = True  # setuptools then skips copying the missing file in place
+            print(f"shear: WARNING: the C++ gather extension was not compiled ({type(error).__name__}: "
+                  f"{str(error).strip().splitlines()[-1] if str(error).strip() else ''}); it will be "
+                  "compiled on first use, see `shear doctor`", file=sys.stderr)  # fmt: skip
+
+    with open(os.path.join(HERE, GATHER_SOURCE), "rb") as f:
+        digest = "h" + hashlib.sha256(f.read()).hexdigest()[:16]  # as shear.extension.source_hash
+    ext = CppExtension(
+        "shear._gather",
+        [GATHER_SOURCE],
+        # the flags of shear.extension.CXX_FLAGS
+        extra_compile_args=["-O3", "-ffp-contract=off", f"-DSHEAR_GATHER_SOURCE_HASH={digest}"],
+        optional=True,
+    )
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": OptionalBuildExtension}}
+
 
 setup(
     name="shear",
@@ -33,4 +86,5 @@ setup(
     ],
     extras_require={"dev": ["pytest", "pytest-benchmark", "ruff"]},
     entry_points={"console_scripts": ["shear=shear.cli:main"]},
+    **_extension_args(),
 )
