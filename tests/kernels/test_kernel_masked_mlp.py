@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_checks import check_close, mask_with_zeros
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
@@ -50,30 +51,11 @@ TOL = {
 
 
 def _check(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
-    """Compare a kernel result with the float64 reference under the dtype's bounds."""
-    assert actual.shape == expected.shape, what
-    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
-    assert torch.isfinite(a).all(), f"{what}: non-finite values (unwritten or poisoned elements)"
-    scale = e.abs().max().item()
-    if scale == 0.0:
-        assert (a == 0).all(), f"{what}: expected exact zeros"
-        return
-    err_max = (a - e).abs().max().item() / scale
-    err_rms = ((a - e).norm() / e.norm()).item()
-    tol = TOL[dtype]
-    assert err_max <= tol["max"] and err_rms <= tol["rms"], (
-        f"{what} ({dtype}): max err {err_max:.2e} (tol {tol['max']:.0e}), "
-        f"rms err {err_rms:.2e} (tol {tol['rms']:.0e})"
-    )
+    check_close(actual, expected, TOL[dtype], f"{what} ({dtype})")
 
 
 def _mask(n: int, g: torch.Generator, zero_block: tuple[int, int] | None = (32, 64)) -> torch.Tensor:
-    """A mask in [0.05, 1] with exact zeros: every 4th entry, and a whole 32-aligned block."""
-    m = torch.rand(n, generator=g) * 0.95 + 0.05
-    m[1::4] = 0.0
-    if zero_block is not None and n >= zero_block[1]:
-        m[zero_block[0] : zero_block[1]] = 0.0
-    return m
+    return mask_with_zeros(n, g, every=4, start=1, zero_block=zero_block)
 
 
 def _inputs(lead, D, inter, g, dtype, bias=True, m_int=True, m_out=True):
