@@ -153,7 +153,9 @@ def build_corpus(
         raise ShearError("seq_len must be >= 2 and eval_sequences >= 1")
     train, held = {}, {}
     for name, texts in read_domains(path).items():
-        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        # whole documents are tokenised, then packed: their length beyond the model's
+        # maximum is expected, so the tokenizer's warning about it is silenced
+        ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
         seqs = pack(ids, seq_len, tokenizer.eos_token_id)
         if len(seqs) < eval_sequences + 1:
             raise ShearError(
