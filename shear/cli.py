@@ -139,6 +139,10 @@ _PRUNE_HELP = {
     "precision": "auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16",
     "device": "auto, cpu or cuda[:N]",
     "stop_after": "stop (with a checkpoint) after this many steps; continue later with --resume",
+    "dynamic": "dynamic batch loading: move the domain weights toward the domains furthest above "
+    "their reference loss",
+    "dynamic_interval": "steps between domain-weight updates",
+    "dynamic_rule": "paper (Algorithm 1) or reference (the original code's unclamped, smoothed variant)",
 }
 
 
@@ -146,10 +150,18 @@ def _add_prune_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> 
     """Options generated from PruneConfig, so names, types and defaults live in one place."""
     from shear.prune import PruneConfig
 
+    p.add_argument(
+        "--reference-losses",
+        help="with --dynamic: reference loss per domain, a JSON object or file "
+        "(default, documented fallback: the source model's measured losses)",
+    )
     for f in dataclasses.fields(PruneConfig):
         if f.name not in _PRUNE_HELP:
             continue
         default = defaults.get(f.name, f.default)
+        if str(f.type) == "bool":
+            p.add_argument("--" + f.name.replace("_", "-"), action="store_true", help=_PRUNE_HELP[f.name])
+            continue
         kind = {"int": int, "float": float, "str": str}.get(str(f.type).split(" ")[0], None)
         kind = kind or (int if f.name in ("max_train_sequences", "stop_after") else str)
         p.add_argument(
@@ -160,10 +172,24 @@ def _add_prune_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> 
         )
 
 
+def _read_losses(text: str | None) -> dict[str, float] | None:
+    """Reference losses from a JSON object or a JSON file (``{"domain": loss, ...}``)."""
+    if text is None:
+        return None
+    try:
+        data = json.loads(Path(text).read_text() if Path(text).is_file() else text)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ShearError(f"--reference-losses: give a JSON object or a JSON file ({e})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, int | float) for v in data.values()):
+        raise ShearError('--reference-losses must map domains to numbers, e.g. {"code": 1.2}')
+    return {str(k): float(v) for k, v in data.items()}
+
+
 def _prune_config(args: argparse.Namespace, **fixed: Any) -> Any:
     from shear.prune import PruneConfig
 
     values = {k: getattr(args, k) for k in _PRUNE_HELP}
+    values["reference_losses"] = _read_losses(args.reference_losses)
     values.update(fixed)
     return PruneConfig(**values)
 

@@ -80,6 +80,10 @@ class PruneConfig:
     export: bool = True
     resume: bool = False
     stop_after: int | None = None
+    dynamic: bool = False
+    dynamic_interval: int = 50
+    dynamic_rule: str = "paper"
+    reference_losses: dict[str, float] | None = None
 
     def check(self) -> None:
         """Raise ShearError for option values that cannot work."""
@@ -89,6 +93,8 @@ class PruneConfig:
                 raise ShearError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0 <= self.lr_warmup < 1 or not 0 <= self.target_warmup <= 1:
             raise ShearError("lr_warmup must be in [0, 1) and target_warmup in [0, 1]")
+        if self.dynamic_interval <= 0:
+            raise ShearError(f"dynamic_interval must be positive, got {self.dynamic_interval}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ShearError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
 
@@ -314,15 +320,22 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
             "lambda_1": {n: v.detach().item() for n, v in lagrangian.lambda_1.items()},
             "lambda_2": {n: v.detach().item() for n, v in lagrangian.lambda_2.items()},
             "domains": counts,
+            "domain_weights": dict(sampler.weights),
             "tokens_per_s": tokens_per_step / (time.perf_counter() - t0),
         }
         log.write(record)
         if progress is not None:
             progress.update(1)
             progress.set_postfix_str(_postfix(record))
-        if done % cfg.eval_interval == 0 or done == cfg.steps:
-            final_eval = _evaluate(model, corpus, cfg, autocast, main_rank)
-            log.write({"step": done, "eval": final_eval})
+        eval_now = done % cfg.eval_interval == 0 or done == cfg.steps
+        dynamic_now = cfg.dynamic and done % cfg.dynamic_interval == 0 and done < cfg.steps
+        if eval_now or dynamic_now:
+            losses = _evaluate(model, corpus, cfg, autocast, main_rank)
+            if eval_now:
+                final_eval = losses
+                log.write({"step": done, "eval": losses})
+            if dynamic_now:
+                _update_domain_weights(sampler, losses, cfg.reference_losses or source_eval, cfg, world)
         if done % cfg.checkpoint_interval == 0 or done == end:
             checkpoint(done)
             last_good = done
@@ -349,6 +362,20 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
     if world > 1:
         dist.barrier()
     return result
+
+
+def _update_domain_weights(
+    sampler: DomainSampler, losses: dict | None, reference: dict | None, cfg: PruneConfig, world: int
+) -> None:
+    """Dynamic batch loading: rank 0 computes the new weights, every rank receives them."""
+    from shear.dynamic import update_weights
+
+    weights = [None]
+    if losses is not None:  # rank 0
+        weights[0] = update_weights(sampler.weights, losses, reference, cfg.dynamic_rule)
+    if world > 1:
+        dist.broadcast_object_list(weights, src=0)
+    sampler.set_weights(weights[0])
 
 
 def _evaluate(model: nn.Module, corpus: Corpus, cfg: PruneConfig, autocast: Any, main_rank: bool):

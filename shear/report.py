@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,10 @@ def write_plots(out: Path, records: list[dict[str, Any]]) -> dict[str, Path]:
         lam[f"lambda_1 {n}"] = (x, [r["lambda_1"][n] for r in steps])
         lam[f"lambda_2 {n}"] = (x, [r["lambda_2"][n] for r in steps])
     _plot_series(paths["lambdas"], "Lagrange multipliers", lam, "value")
+    if "domain_weights" in steps[0] and len({json.dumps(r["domain_weights"]) for r in steps}) > 1:
+        paths["domain_weights"] = plots / "domain_weights.png"
+        series = {d: (x, [r["domain_weights"][d] for r in steps]) for d in steps[0]["domain_weights"]}
+        _plot_series(paths["domain_weights"], "domain weights (dynamic batch loading)", series, "weight")
     return paths
 
 
@@ -148,13 +153,8 @@ def write_report(
         lines += ["", f"Median throughput: {tps:,.0f} tokens/s."]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{k}](plots/{p.name})" for k, p in plots.items()]
-    lines += ["", "## Options", "", "```json", _json(dataclasses.asdict(cfg)), "```", ""]
+    lines += ["", "## Options", "", "```json", json.dumps(dataclasses.asdict(cfg), indent=2), "```", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
 
-
-def _json(obj: Any) -> str:
-    import json
-
-    return json.dumps(obj, indent=2)

@@ -114,7 +114,9 @@ _DDP_SCRIPT = textwrap.dedent(
 
 
 def test_two_gloo_processes_match_one(tiny_source, data_dir, tmp_path):
-    cfg = _cfg(tiny_source, data_dir, tmp_path / "one", steps=3, checkpoint_interval=3, eval_interval=3)
+    # dynamic loading on: rank 0 computes the domain weights, every rank must receive them
+    cfg = _cfg(tiny_source, data_dir, tmp_path / "one", steps=3, checkpoint_interval=3, eval_interval=3,
+               dynamic=True, dynamic_interval=1)  # fmt: skip
     run_prune(cfg)
     two = dict(cfg.__dict__, out=str(tmp_path / "two"))
     script = tmp_path / "ddp.py"
@@ -134,3 +136,5 @@ def test_two_gloo_processes_match_one(tiny_source, data_dir, tmp_path):
         torch.testing.assert_close(a["masks"][k], b["masks"][k], rtol=1e-5, atol=1e-6)
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-6)
+    assert a["sampler"]["weights"] == pytest.approx(b["sampler"]["weights"])
+    assert a["sampler"]["weights"] != pytest.approx({d: 1 / 3 for d in a["sampler"]["weights"]})
