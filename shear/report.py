@@ -157,4 +157,3 @@ def write_report(
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
-
