@@ -35,3 +35,24 @@ def mask_with_zeros(
     if zero_block is not None and n >= zero_block[1]:
         m[zero_block[0] : zero_block[1]] = 0.0
     return m
+
+
+class NanEmpty:
+    """Stands in for the torch module inside a kernel module: fresh memory is NaN-filled.
+
+    ``monkeypatch.setattr(kernel_module, "torch", NanEmpty())`` poisons every allocation the
+    launchers make (outputs, partial buffers), so an element a kernel never writes shows.
+    """
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*size, **kw):
+        return torch.full(
+            size[0] if len(size) == 1 and not isinstance(size[0], int) else size, float("nan"), **kw
+        )
+
+    @staticmethod
+    def empty_like(t, **kw):
+        return torch.full_like(t, float("nan"), **kw)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_checks import check_close, mask_with_zeros
+from kernel_checks import NanEmpty, check_close, mask_with_zeros
 
 import shear.kernels.masked_linear as ml
 from shear.kernels.masked_linear import (
@@ -179,27 +179,10 @@ def test_support_masks_skip_and_zero_without_scaling():
     _check(db, g_ref[2], torch.float32, "db")
 
 
-class _NanEmpty:
-    """Stands in for the torch module inside the kernel module: empty() returns NaN-filled memory."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def empty(*size, **kw):
-        return torch.full(
-            size[0] if len(size) == 1 and not isinstance(size[0], int) else size, float("nan"), **kw
-        )
-
-    @staticmethod
-    def empty_like(t, **kw):
-        return torch.full_like(t, float("nan"), **kw)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_every_output_element_is_written(monkeypatch, dtype):
     """Poisoned allocations (outputs, partial buffers) and a poisoned out=: no NaN survives."""
-    monkeypatch.setattr(ml, "torch", _NanEmpty())
+    monkeypatch.setattr(ml, "torch", NanEmpty())
     g = torch.Generator().manual_seed(13)
     args, dy = _inputs((37,), 70, 50, g, dtype)
     _compare_all(args, dy, dtype)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_checks import check_close, mask_with_zeros
+from kernel_checks import NanEmpty, check_close, mask_with_zeros
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
@@ -175,28 +175,11 @@ def test_skipped_channels_are_never_loaded():
         assert (t[:, 16:48] == 0).all() and torch.isfinite(t).all()
 
 
-class _NanEmpty:
-    """Stands in for the torch module inside the kernel modules: fresh memory is NaN-filled."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def empty(*size, **kw):
-        return torch.full(
-            size[0] if len(size) == 1 and not isinstance(size[0], int) else size, float("nan"), **kw
-        )
-
-    @staticmethod
-    def empty_like(t, **kw):
-        return torch.full_like(t, float("nan"), **kw)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_every_output_element_is_written(monkeypatch, dtype):
     """Poisoned allocations (h, a, b, dh, da, g, outputs, partial buffers): no NaN survives."""
-    monkeypatch.setattr(ml, "torch", _NanEmpty())
-    monkeypatch.setattr(mm, "torch", _NanEmpty())
+    monkeypatch.setattr(ml, "torch", NanEmpty())
+    monkeypatch.setattr(mm, "torch", NanEmpty())
     g = torch.Generator().manual_seed(37)
     args, dy = _inputs((3, 11), 40, 70, g, dtype)
     _compare_all(args, dy, dtype)
