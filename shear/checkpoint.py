@@ -8,6 +8,7 @@ checkpoint holds only tensors, numbers, strings and containers of them.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -56,3 +57,47 @@ def load(path: str | os.PathLike) -> Any:
     if not path.is_file():
         raise ShearError(f"checkpoint not found: {path}")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished folder ``tmp`` to ``out``; an existing ``out`` is swapped out, then deleted."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.replace(out, old / out.name)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_model_atomic(model: Any, out: str | os.PathLike, tokenizer: Any = None) -> Path:
+    """``save_pretrained`` (safetensors) into a temporary folder beside ``out``, then rename it to ``out``.
+
+    Args:
+        model: a Hugging Face model.
+        out: destination folder (replaced if it exists).
+        tokenizer: saved alongside when given.
+
+    Returns:
+        The folder.
+
+    Raises:
+        ShearError: the write failed; nothing partial is left and an old ``out`` is kept.
+    """
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise ShearError(f"cannot write the model to {out.parent}: {e}") from e
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        replace_dir(tmp, out)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise ShearError(f"writing the model to {out} failed: {e}") from e
+        raise
+    return out

@@ -119,98 +119,120 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-_PRUNE_HELP = {
+#: Help of the options generated from the run configs (shear.trainer.TrainConfig, PruneConfig).
+_OPTION_HELP = {
     "steps": "optimiser steps",
     "batch_size": "sequences per micro-batch (global, across ranks)",
-    "grad_accum": "micro-batches per optimiser step (one mask sample each)",
+    "grad_accum": "micro-batches per optimiser step (pruning: one mask sample each)",
     "seq_len": "tokens per sequence",
     "lr_weights": "learning rate of the model weights",
     "lr_masks": "learning rate of log_alpha",
     "lr_lambdas": "step size of the gradient ascent on the Lagrange multipliers",
-    "lr_warmup": "fraction of the steps with linear learning-rate warm-up (then cosine to 0.1x)",
+    "lr_warmup": "fraction of the steps with linear learning-rate warm-up (then cosine decay)",
     "min_lr_ratio": "final learning rate as a fraction of the peak",
     "target_warmup": "fraction of the steps over which the target sparsities ramp up from 0",
-    "eval_interval": "evaluate per domain every N steps (deterministic masks)",
+    "eval_interval": "evaluate per domain every N steps",
     "checkpoint_interval": "checkpoint every N steps",
     "eval_sequences": "held-out sequences per domain",
     "max_train_sequences": "cap on training sequences per domain",
-    "max_grad_norm": "gradient clipping norm (weights and log_alpha)",
+    "max_grad_norm": "gradient clipping norm",
     "seed": "random seed (masks, data order)",
     "precision": "auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16",
     "device": "auto, cpu or cuda[:N]",
+    "num_workers": "DataLoader worker processes reading batches (any number gives the same batches)",
     "stop_after": "stop (with a checkpoint) after this many steps; continue later with --resume",
-    "dynamic": "dynamic batch loading: move the domain weights toward the domains furthest above "
-    "their reference loss",
     "dynamic_interval": "steps between domain-weight updates",
     "dynamic_rule": "paper (Algorithm 1) or reference (the original code's unclamped, smoothed variant)",
+    "reference_model": "with dynamic loading and no --reference-losses: use this model's measured "
+    "held-out losses as the references (documented fallback)",
 }
 
 
-def _add_prune_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
-    """Options generated from PruneConfig, so names, types and defaults live in one place."""
-    from shear.prune import PruneConfig
-
+def _add_run_options(p: argparse.ArgumentParser, config: type, defaults: dict[str, Any]) -> None:
+    """Options generated from a run config's fields, so names, types and defaults live in one place."""
+    loading = p.add_mutually_exclusive_group()
+    loading.add_argument(
+        "--dynamic",
+        dest="dynamic",
+        action="store_true",
+        default=defaults.get("dynamic", True),
+        help="dynamic batch loading: move the domain weights toward the domains furthest above "
+        "their reference loss (the default)",
+    )
+    loading.add_argument(
+        "--fixed", dest="dynamic", action="store_false", help="keep the initial domain weights (baseline)"
+    )
     p.add_argument(
         "--reference-losses",
-        help="with --dynamic: reference loss per domain, a JSON object or file "
-        "(default, documented fallback: the source model's measured losses)",
+        help="reference loss per domain: a JSON object or file, e.g. from `shear reference-losses` "
+        "(pruning's default, a documented fallback: the source model's measured losses)",
     )
-    for f in dataclasses.fields(PruneConfig):
-        if f.name not in _PRUNE_HELP:
+    p.add_argument(
+        "--domain-weights",
+        help='initial domain weights, a JSON object or file (default: equal), e.g. {"code": 2}',
+    )
+    for f in dataclasses.fields(config):
+        if f.name not in _OPTION_HELP:
             continue
         default = defaults.get(f.name, f.default)
-        if str(f.type) == "bool":
-            p.add_argument("--" + f.name.replace("_", "-"), action="store_true", help=_PRUNE_HELP[f.name])
-            continue
         kind = {"int": int, "float": float, "str": str}.get(str(f.type).split(" ")[0], None)
         kind = kind or (int if f.name in ("max_train_sequences", "stop_after") else str)
         p.add_argument(
             "--" + f.name.replace("_", "-"),
             type=kind,
             default=default,
-            help=f"{_PRUNE_HELP[f.name]} (default: {default})",
+            help=f"{_OPTION_HELP[f.name]} (default: {default})",
         )
 
 
-def _read_losses(text: str | None) -> dict[str, float] | None:
-    """Reference losses from a JSON object or a JSON file (``{"domain": loss, ...}``)."""
+def read_domain_values(text: str | None, what: str = "--reference-losses") -> dict[str, float] | None:
+    """Numbers per domain from a JSON object or a JSON file.
+
+    A file written by ``shear reference-losses`` (its ``reference_losses`` entry) is accepted too.
+    """
     if text is None:
         return None
     try:
         data = json.loads(Path(text).read_text() if Path(text).is_file() else text)
     except (OSError, json.JSONDecodeError) as e:
-        raise ShearError(f"--reference-losses: give a JSON object or a JSON file ({e})") from None
-    if not isinstance(data, dict) or not all(isinstance(v, int | float) for v in data.values()):
-        raise ShearError('--reference-losses must map domains to numbers, e.g. {"code": 1.2}')
+        raise ShearError(f"{what}: give a JSON object or a JSON file ({e})") from None
+    if isinstance(data, dict) and isinstance(data.get("reference_losses"), dict):
+        data = data["reference_losses"]
+    if not isinstance(data, dict) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in data.values()
+    ):
+        raise ShearError(f'{what} must map domains to numbers, e.g. {{"code": 1.2}}')
     return {str(k): float(v) for k, v in data.items()}
 
 
-def _prune_config(args: argparse.Namespace, **fixed: Any) -> Any:
-    from shear.prune import PruneConfig
-
-    values = {k: getattr(args, k) for k in _PRUNE_HELP}
-    values["reference_losses"] = _read_losses(args.reference_losses)
+def _run_config(config: type, args: argparse.Namespace, **fixed: Any) -> Any:
+    names = {f.name for f in dataclasses.fields(config)}
+    values = {k: getattr(args, k) for k in _OPTION_HELP if k in names}
+    values["dynamic"] = args.dynamic
+    values["reference_losses"] = read_domain_values(args.reference_losses)
+    values["domain_weights"] = read_domain_values(args.domain_weights, "--domain-weights")
     values.update(fixed)
-    return PruneConfig(**values)
+    return config(**values)
 
 
 def _print_result(r: dict[str, Any]) -> None:
     print(f"run folder:     {r['out']}")
-    if r.get("export"):
-        print(f"pruned model:   {r['export']}")
+    if r.get("export") or r.get("model"):
+        print(f"model:          {r.get('export') or r.get('model')}")
         print(f"report:         {r['report']}")
         print(f"plots:          {Path(r['out']) / 'plots'}")
-    else:
+    elif r["steps"] is not None and not r.get("report"):
         print(f"stopped after step {r['steps']}: continue with --resume")
     if r.get("final_eval"):
         ppl = ", ".join(f"{d} {math.exp(v):.2f}" for d, v in r["final_eval"].items())
-        print(f"perplexity (masked, held out): {ppl}")
+        print(f"perplexity (held out): {ppl}")
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
-    from shear.prune import run_prune
+    from shear.prune import PruneConfig, run_prune
 
-    cfg = _prune_config(
+    cfg = _run_config(
+        PruneConfig,
         args,
         model=args.model,
         target=args.target,
@@ -224,25 +246,99 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
+def _cmd_train(args: argparse.Namespace) -> int:
+    from shear.train import run_train
+    from shear.trainer import TrainConfig
+
+    cfg = _run_config(
+        TrainConfig,
+        args,
+        model=args.model,
+        data=args.data,
+        out=args.out,
+        resume=args.resume,
+        export=not args.no_export,
+    )
+    _print_result(run_train(cfg))
+    return 0
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from shear.corpus import build_default_corpus, format_manifest
+
+    cap = None if args.max_mb_per_domain <= 0 else int(args.max_mb_per_domain * 1e6)
+    manifest = build_default_corpus(args.out, max_bytes_per_domain=cap, sources=args.sources)
+    print(format_manifest(manifest))
+    return 0
+
+
+def _size(text: str) -> float:
+    """A parameter count: a number (``1.3e9``) or a model folder / config.json (its total parameters)."""
+    try:
+        return float(text)
+    except ValueError:
+        from shear.loading import load_config
+
+        return float(Arch.from_config(load_config(text)).total_params())
+
+
+def _cmd_reference_losses(args: argparse.Namespace) -> int:
+    from shear.reference_losses import fit_reference_losses, load_points
+
+    points = load_points(args.points) if args.points else []
+    if args.models:
+        if not args.data:
+            raise ShearError("--models needs --data (the held-out split the losses are measured on)")
+        points += [_measure_point(m, args) for m in args.models]
+    if len(points) == 0:
+        raise ShearError("give --points FILE ... and/or --models MODEL ... --data DATA")
+    result = fit_reference_losses(points, _size(args.target))
+    for w in result.get("warnings", []):
+        print(f"shear: warning: {w}", file=sys.stderr)
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+        print(f"reference losses written to {args.out} (pass it to --reference-losses)", file=sys.stderr)
+    print(text)
+    return 0
+
+
+def _measure_point(model_path: str, args: argparse.Namespace) -> dict[str, Any]:
+    r = evaluate_model(model_path, args.data, args.seq_len, args.eval_sequences, args.batch_size)
+    return {"params": r["params"], "losses": {d: v["loss"] for d, v in r["domains"].items()}}
+
+
+def evaluate_model(
+    model: str, data: str, seq_len: int, eval_sequences: int, batch_size: int
+) -> dict[str, Any]:
+    """Per-domain held-out loss and perplexity of a model (what ``shear eval`` prints).
+
+    Returns:
+        ``{"model", "data", "seq_len", "params", "domains": {d: {"loss", "perplexity", "tokens"}}}``.
+    """
     from shear.data import build_corpus
     from shear.evaluation import domain_losses
     from shear.loading import load_source
 
-    model, tokenizer = load_source(args.model)
+    net, tokenizer = load_source(model)
     if tokenizer is None:
-        raise ShearError(f"{args.model} has no tokenizer; shear eval needs one to read --data")
-    corpus = build_corpus(args.data, tokenizer, args.seq_len, args.eval_sequences)
-    losses = domain_losses(model, corpus.eval, batch_size=args.batch_size)
-    result = {
-        "model": args.model,
-        "data": args.data,
-        "seq_len": args.seq_len,
+        raise ShearError(f"{model} has no tokenizer; evaluating it needs one to read the data")
+    corpus = build_corpus(data, tokenizer, seq_len, eval_sequences)
+    losses = domain_losses(net, corpus.eval, batch_size=batch_size)
+    return {
+        "model": model,
+        "data": data,
+        "seq_len": seq_len,
+        "params": sum(p.numel() for p in net.parameters()),
         "domains": {
             d: {"loss": v, "perplexity": math.exp(v), "tokens": corpus.eval[d].numel()}
             for d, v in losses.items()
         },
     }
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    result = evaluate_model(args.model, args.data, args.seq_len, args.eval_sequences, args.batch_size)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -258,32 +354,43 @@ DEMO_TARGET = "layers=24,hidden=384,heads=6,kv_heads=2,intermediate=1024"
 #: The paper spreads its schedule over 3200 steps (320 of learning-rate warm-up, 640 of target
 #: warm-up). Squeezed into 80 steps, log_alpha at the reference rate of 1.0 collapses every unit
 #: of a type within a few steps (measured: train loss 3.6 -> 13 by step 10), so the CPU demo
-#: moves the masks at 0.3 while the multipliers keep the reference rate.
-DEMO_BUDGET_CPU = dict(steps=80, batch_size=4, seq_len=128, eval_interval=20, checkpoint_interval=40,
-                       target_warmup=0.5, lr_warmup=0.1, lr_masks=0.3, lr_lambdas=1.0)  # fmt: skip
-DEMO_BUDGET_GPU = dict(steps=800, batch_size=16, seq_len=512, eval_interval=100, checkpoint_interval=200,
-                       target_warmup=0.2, lr_warmup=0.1, lr_masks=1.0, lr_lambdas=1.0)  # fmt: skip
+#: moves the masks at 0.3 while the multipliers keep the reference rate. Weight updates come
+#: every 20 steps instead of the paper's 50 (pruning) and 400 (continued pre-training), so a
+#: short run still shows several; continued pre-training uses 3e-4 to recover faster in few steps.
+DEMO_BUDGET_CPU = {
+    "prune": dict(steps=80, batch_size=4, seq_len=128, eval_interval=20, checkpoint_interval=40,
+                  target_warmup=0.5, lr_warmup=0.1, lr_masks=0.3, lr_lambdas=1.0, dynamic_interval=20),
+    "train": dict(steps=60, batch_size=4, seq_len=128, eval_interval=20, checkpoint_interval=30,
+                  lr_warmup=0.1, lr_weights=3e-4, dynamic_interval=20),
+}  # fmt: skip
+DEMO_BUDGET_GPU = {
+    "prune": dict(steps=800, batch_size=16, seq_len=512, eval_interval=100, checkpoint_interval=200,
+                  target_warmup=0.2, lr_warmup=0.1, lr_masks=1.0, lr_lambdas=1.0, dynamic_interval=50),
+    "train": dict(steps=800, batch_size=16, seq_len=512, eval_interval=100, checkpoint_interval=200,
+                  lr_warmup=0.05, lr_weights=1e-4, dynamic_interval=100),
+}  # fmt: skip
 
 
-def _demo_defaults() -> dict[str, Any]:
+def _demo_budget() -> dict[str, dict[str, Any]]:
     import torch
 
     return DEMO_BUDGET_GPU if torch.cuda.is_available() else DEMO_BUDGET_CPU
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from shear.machine_corpus import build_machine_corpus
-    from shear.prune import run_prune
+    from shear.demo import run_demo
 
-    out = Path(args.out)
-    data = args.data or str(build_machine_corpus(out / "data"))
-    run = out / "run"
-    resume = (run / "checkpoint.pt").exists()
-    if resume:
-        print(f"shear demo: resuming the run in {run}", file=sys.stderr)
-    cfg = _prune_config(args, model="default", target=DEMO_TARGET, data=data, out=str(run), resume=resume)
-    print(f"shear demo: pruning SmolLM2-135M-Instruct to {DEMO_TARGET} on {data}", file=sys.stderr)
-    _print_result(run_prune(cfg))
+    budget = {k: dict(v) for k, v in _demo_budget().items()}
+    if args.prune_steps:
+        budget["prune"]["steps"] = args.prune_steps
+    if args.train_steps:
+        budget["train"]["steps"] = args.train_steps
+    r = run_demo(args.out, DEMO_TARGET, budget, data=args.data, num_workers=args.num_workers)
+    print(f"demo folder:    {r['out']}")
+    print(f"data:           {r['data']}")
+    print(f"pruned model:   {r['pruned']}")
+    print(f"final model:    {r['model']}")
+    print(f"report:         {r['report']}")
     return 0
 
 
@@ -379,22 +486,81 @@ def build_parser() -> argparse.ArgumentParser:
     pi.add_argument("--json", action="store_true", help="print one JSON object")
     pi.set_defaults(func=_cmd_info)
 
+    data_help = (
+        "data: a folder with one sub-folder or .txt/.jsonl/.parquet file per domain, or a saved "
+        "Hugging Face dataset with 'text' and 'domain' columns"
+    )
     pp = sub.add_parser("prune", help="learn masks to a target, then export the pruned model and a report")
     pp.add_argument("--model", required=True, help="source: a model folder or 'default'")
     pp.add_argument("--target", required=True, help="target sizes or config (as in shear info)")
-    pp.add_argument(
-        "--data", required=True, help="data folder: one sub-folder or .txt/.jsonl file per domain"
-    )
+    pp.add_argument("--data", required=True, help=data_help)
     pp.add_argument("--out", required=True, help="run folder (log, checkpoint, export, report)")
     pp.add_argument("--types", nargs="+", choices=MASK_TYPES, help="mask types to learn")
     pp.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     pp.add_argument("--no-export", action="store_true", help="skip the export and report at the end")
-    _add_prune_options(pp, {})
+    from shear.prune import PruneConfig
+    from shear.trainer import TrainConfig
+
+    _add_run_options(pp, PruneConfig, {})
     pp.set_defaults(func=_cmd_prune)
+
+    pt = sub.add_parser(
+        "train", help="continued pre-training with dynamic batch loading (e.g. of a pruned model)"
+    )
+    pt.add_argument("--model", required=True, help="a model folder (e.g. a prune run's export/) or 'default'")
+    pt.add_argument("--data", required=True, help=data_help)
+    pt.add_argument("--out", required=True, help="run folder (log, checkpoint, model/, report)")
+    pt.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    pt.add_argument("--no-export", action="store_true", help="skip saving the model and the report")
+    _add_run_options(pt, TrainConfig, {})
+    pt.set_defaults(func=_cmd_train)
+
+    pr = sub.add_parser(
+        "reference-losses", help="fit L(N) = a / N^b + c per domain and predict the losses at a target size"
+    )
+    pr.add_argument(
+        "--points",
+        nargs="+",
+        help='JSON files of per-domain losses at one size each: {"params": N, "losses": {...}}, '
+        '`shear eval --json` output, or one file with {"points": [...]}',
+    )
+    pr.add_argument(
+        "--models", nargs="+", help="model folders to measure on --data (their sizes are counted)"
+    )
+    pr.add_argument("--data", help="data for --models (held-out split)")
+    pr.add_argument(
+        "--target",
+        required=True,
+        help="target size: a parameter count (1.3e9) or a model folder / config.json",
+    )
+    pr.add_argument("--out", help="also write the result to this JSON file (for --reference-losses)")
+    pr.add_argument(
+        "--seq-len", type=int, default=256, help="tokens per sequence for --models (default: 256)"
+    )
+    pr.add_argument(
+        "--eval-sequences", type=int, default=4, help="held-out sequences per domain (default: 4)"
+    )
+    pr.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default: 4)")
+    pr.set_defaults(func=_cmd_reference_losses)
+
+    pdata = sub.add_parser("data", help="build data sets")
+    dsub = pdata.add_subparsers(dest="data_command", required=True)
+    pdd = dsub.add_parser(
+        "default", help="build the default multi-domain corpus from Debian and PyPI packages (cached)"
+    )
+    pdd.add_argument("--out", default="data/default", help="corpus folder (default: data/default)")
+    pdd.add_argument(
+        "--max-mb-per-domain",
+        type=float,
+        default=4.0,
+        help="cap per domain in MB of text, 0: none (default: 4)",
+    )
+    pdd.add_argument("--sources", nargs="+", help="only these sources (default: all)")
+    pdd.set_defaults(func=_cmd_data)
 
     pe = sub.add_parser("eval", help="per-domain perplexity of a model on held-out data")
     pe.add_argument("--model", required=True, help="a model folder or 'default'")
-    pe.add_argument("--data", required=True, help="data folder (as for prune)")
+    pe.add_argument("--data", required=True, help=data_help)
     pe.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: 256)")
     pe.add_argument(
         "--eval-sequences", type=int, default=4, help="held-out sequences per domain (default: 4)"
@@ -403,11 +569,17 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--json", action="store_true", help="print one JSON object")
     pe.set_defaults(func=_cmd_eval)
 
-    pd = sub.add_parser("demo", help="prune the embedded default model end to end (about 10 minutes on CPU)")
+    pd = sub.add_parser(
+        "demo",
+        help="the main job on the embedded default model: default corpus, prune (dynamic), continued "
+        "pre-training (dynamic), export, per-domain evaluation (about 15 minutes on CPU)",
+    )
     pd.add_argument("--out", default="runs/demo", help="demo folder (default: runs/demo)")
-    pd.add_argument("--data", help="data folder (default: a small corpus from text on this machine)")
-    _add_prune_options(pd, _demo_defaults())
-    pd.set_defaults(func=_cmd_demo, types=None)
+    pd.add_argument("--data", help="data (default: the default corpus, built into OUT/data)")
+    pd.add_argument("--prune-steps", type=int, help="pruning steps (default: the budget's)")
+    pd.add_argument("--train-steps", type=int, help="continued pre-training steps (default: the budget's)")
+    pd.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default: 0)")
+    pd.set_defaults(func=_cmd_demo)
 
     px = sub.add_parser("doctor", help="is the C++ gather extension (fast export) built; the export backend")
     px.add_argument("--build", action="store_true", help="compile the extension now if it is not built")

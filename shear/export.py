@@ -59,6 +59,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from shear.arch import Arch
+from shear.checkpoint import replace_dir
 from shear.errors import ShearError
 from shear.masks import HardConcreteMasks, product
 
@@ -785,21 +786,10 @@ def export_pruned(
             )
             + "\n"
         )
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
             raise ShearError(f"writing the export to {out} failed: {e}") from e
         raise
     return out
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move ``tmp`` to ``out``; an existing ``out`` is swapped out first, then deleted."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.replace(out, old / out.name)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)

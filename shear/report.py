@@ -1,4 +1,9 @@
-"""report.md and PNG plots of a pruning run, from its JSONL log."""
+"""report.md and PNG plots of a pruning or continued pre-training run, from its JSONL log.
+
+Both reports show how dynamic batch loading behaved: the domain weights over time and each
+domain's held-out loss minus its reference loss (the paper's figures 5 and 7), and a table
+that says whether the weights moved toward the domains furthest above their reference.
+"""
 
 from __future__ import annotations
 
@@ -57,30 +62,102 @@ def _plot_dims(path: Path, steps: list[dict[str, Any]]) -> None:
 
 
 def write_plots(out: Path, records: list[dict[str, Any]]) -> dict[str, Path]:
-    """Write loss, dimensions and lambda plots; returns their paths by name."""
+    """Write the run's plots into ``out/plots``; returns their paths by name.
+
+    Always the loss; with dynamic batch loading the domain weights and the loss gaps; for
+    pruning also the kept dimensions and the Lagrange multipliers.
+    """
     steps = [r for r in records if "loss" in r]
     if not steps:
         return {}
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     x = [r["step"] for r in steps]
-    paths = {"loss": plots / "loss.png", "dims": plots / "dims.png", "lambdas": plots / "lambdas.png"}
-    evals = [r for r in records if "eval" in r]
+    paths = {"loss": plots / "loss.png"}
+    evals = [r for r in records if r.get("eval")]
     series = {"LM loss (train)": (x, [r["loss"] for r in steps])}
     for d in evals[0]["eval"] if evals else []:
         series[f"eval {d}"] = ([r["step"] for r in evals], [r["eval"][d] for r in evals])
     _plot_series(paths["loss"], "loss", series, "loss")
-    _plot_dims(paths["dims"], steps)
-    lam = {}
-    for n in steps[0]["lambda_1"]:
-        lam[f"lambda_1 {n}"] = (x, [r["lambda_1"][n] for r in steps])
-        lam[f"lambda_2 {n}"] = (x, [r["lambda_2"][n] for r in steps])
-    _plot_series(paths["lambdas"], "Lagrange multipliers", lam, "value")
+    if "expected" in steps[0]:
+        paths["dims"] = plots / "dims.png"
+        _plot_dims(paths["dims"], steps)
+    if "lambda_1" in steps[0]:
+        paths["lambdas"] = plots / "lambdas.png"
+        lam = {}
+        for n in steps[0]["lambda_1"]:
+            lam[f"lambda_1 {n}"] = (x, [r["lambda_1"][n] for r in steps])
+            lam[f"lambda_2 {n}"] = (x, [r["lambda_2"][n] for r in steps])
+        _plot_series(paths["lambdas"], "Lagrange multipliers", lam, "value")
     if "domain_weights" in steps[0] and len({json.dumps(r["domain_weights"]) for r in steps}) > 1:
         paths["domain_weights"] = plots / "domain_weights.png"
         series = {d: (x, [r["domain_weights"][d] for r in steps]) for d in steps[0]["domain_weights"]}
         _plot_series(paths["domain_weights"], "domain weights (dynamic batch loading)", series, "weight")
+    gaps = [r for r in evals if r.get("reference")]
+    if gaps:
+        paths["loss_gap"] = plots / "loss_gap.png"
+        series = {
+            d: ([r["step"] for r in gaps], [r["eval"][d] - r["reference"][d] for r in gaps])
+            for d in gaps[0]["eval"]
+        }
+        _plot_series(paths["loss_gap"], "held-out loss minus reference loss", series, "loss gap (nats)")
     return paths
+
+
+def domain_weight_summary(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Per domain: reference, loss gap at the first and last evaluation, weight at start and end.
+
+    Returns:
+        ``{"domains": {d: {...}}, "largest_gap", "largest_gain"}`` (the domain with the largest
+        mean gap over the evaluations, the one whose weight grew most), or None without
+        reference losses in the log.
+    """
+    steps = [r for r in records if "loss" in r]
+    gaps = [r for r in records if r.get("eval") and r.get("reference")]
+    if not steps or not gaps:
+        return None
+    first_w, last_w = steps[0]["domain_weights"], steps[-1]["domain_weights"]
+    rows = {}
+    for d in gaps[0]["eval"]:
+        g = [r["eval"][d] - r["reference"][d] for r in gaps]
+        rows[d] = {
+            "reference": gaps[-1]["reference"][d],
+            "gap_first": g[0],
+            "gap_last": g[-1],
+            "gap_mean": sum(g) / len(g),
+            "weight_start": first_w[d],
+            "weight_end": last_w[d],
+        }
+    return {
+        "domains": rows,
+        "largest_gap": max(rows, key=lambda d: rows[d]["gap_mean"]),
+        "largest_gain": max(rows, key=lambda d: rows[d]["weight_end"] - rows[d]["weight_start"]),
+    }
+
+
+def _domain_lines(records: list[dict[str, Any]]) -> list[str]:
+    summary = domain_weight_summary(records)
+    if summary is None:
+        return []
+    lines = [
+        "",
+        "## Dynamic batch loading",
+        "",
+        "| domain | reference loss | gap, first eval | gap, last eval | weight at start | weight at end |",
+        "|---|---|---|---|---|---|",
+    ]
+    for d, r in summary["domains"].items():
+        lines.append(
+            f"| {d} | {r['reference']:.3f} | {r['gap_first']:+.3f} | {r['gap_last']:+.3f} | "
+            f"{r['weight_start']:.3f} | {r['weight_end']:.3f} |"
+        )
+    top, gain = summary["largest_gap"], summary["largest_gain"]
+    verdict = "the same domain" if top == gain else f"not the same domain: {gain} gained the most"
+    lines += [
+        "",
+        f"Furthest above its reference on average: **{top}**; largest weight gain: **{gain}** ({verdict}).",
+    ]
+    return lines
 
 
 def _ppl(loss: float | None) -> str:
@@ -124,17 +201,11 @@ def write_report(
         "",
         f"Kept {target.total_params() / source.total_params():.1%} of all parameters.",
         "",
-        "## Perplexity per domain (held-out data)",
-        "",
-        "| domain | source | masked (deterministic masks) | exported |",
-        "|---|---|---|---|",
     ]
-    domains = list((masked_eval or source_eval or exported_eval or {}).keys())
-    for d in domains:
-        lines.append(
-            f"| {d} | {_ppl((source_eval or {}).get(d))} | {_ppl((masked_eval or {}).get(d))} | "
-            f"{_ppl((exported_eval or {}).get(d))} |"
-        )
+    lines += _ppl_table(
+        {"source": source_eval, "masked (deterministic masks)": masked_eval, "exported": exported_eval}
+    )
+    lines += _domain_lines(records)
     if steps:
         last = steps[-1]
         lines += [
@@ -149,6 +220,21 @@ def write_report(
                 f"| {n} | {last['expected'][n]:.1f} | {last['final_target'][n]} | "
                 f"{last['lambda_1'][n]:+.3f} | {last['lambda_2'][n]:+.3f} |"
             )
+    return _finish(out, cfg, lines, steps, plots)
+
+
+def _ppl_table(columns: dict[str, dict[str, float] | None]) -> list[str]:
+    """The perplexity-per-domain table, one column per evaluation."""
+    lines = ["", "## Perplexity per domain (held-out data)", ""]
+    lines += ["| domain | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    domains = next((list(c) for c in columns.values() if c), [])
+    for d in domains:
+        lines.append(f"| {d} | " + " | ".join(_ppl((c or {}).get(d)) for c in columns.values()) + " |")
+    return lines
+
+
+def _finish(out: Path, cfg: Any, lines: list[str], steps: list[dict], plots: dict[str, Path]) -> Path:
+    if steps:
         tps = sorted(r["tokens_per_s"] for r in steps)[len(steps) // 2]
         lines += ["", f"Median throughput: {tps:,.0f} tokens/s."]
     if plots:
@@ -157,3 +243,35 @@ def write_report(
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def write_train_report(
+    out: Path,
+    cfg: Any,
+    records: list[dict[str, Any]],
+    initial_eval: dict[str, float] | None,
+    final_eval: dict[str, float] | None,
+    saved_eval: dict[str, float] | None,
+    reference: dict[str, float] | None,
+) -> Path:
+    """Write ``report.md`` of a continued pre-training run (perplexity, domain weights, plots).
+
+    Returns:
+        The report's path.
+    """
+    plots = write_plots(out, records)
+    steps = [r for r in records if "loss" in r]
+    mode = f"dynamic batch loading ({cfg.dynamic_rule} rule, every {cfg.dynamic_interval} steps)"
+    lines = [
+        "# Continued pre-training report",
+        "",
+        f"Model `{cfg.model}`, data `{cfg.data}`, {cfg.steps} steps of {cfg.batch_size} x "
+        f"{cfg.grad_accum} sequences x {cfg.seq_len} tokens, "
+        f"{mode if cfg.dynamic else 'fixed domain weights'}.",
+    ]
+    columns = {"start": initial_eval, "end": final_eval, "saved model": saved_eval}
+    if reference:
+        columns = {"reference": reference, **columns}
+    lines += _ppl_table(columns)
+    lines += _domain_lines(records)
+    return _finish(out, cfg, lines, steps, plots)

@@ -11,6 +11,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# the token cache of the tests' data stays out of the user's cache
+if "SHEAR_TOKEN_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["SHEAR_TOKEN_CACHE"] = tempfile.mkdtemp(prefix="shear-test-tokens-")
 
 import pytest  # noqa: E402
 from transformers import (  # noqa: E402

@@ -44,8 +44,8 @@ def test_resume_continues_exactly(tiny_source, data_dir, tmp_path):
     assert len(straight[0]) == 6 and straight[0] == split[0]  # same losses, bit for bit
     assert straight[1] == split[1]  # same evaluations
     a, b = load(tmp_path / "straight" / "checkpoint.pt"), load(tmp_path / "split" / "checkpoint.pt")
-    for k in a["masks"]:
-        assert torch.equal(a["masks"][k], b["masks"][k]), k
+    for k in a["task"]["masks"]:
+        assert torch.equal(a["task"]["masks"][k], b["task"]["masks"][k]), k
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert a["sampler"]["cursor"] == b["sampler"]["cursor"]
@@ -132,8 +132,8 @@ def test_two_gloo_processes_match_one(tiny_source, data_dir, tmp_path):
     # same global batch and masks; only the reduction order differs (fp32)
     assert two_losses == pytest.approx(one_losses, rel=1e-5)
     a, b = load(tmp_path / "one" / "checkpoint.pt"), load(tmp_path / "two" / "checkpoint.pt")
-    for k in a["masks"]:
-        torch.testing.assert_close(a["masks"][k], b["masks"][k], rtol=1e-5, atol=1e-6)
+    for k in a["task"]["masks"]:
+        torch.testing.assert_close(a["task"]["masks"][k], b["task"]["masks"][k], rtol=1e-5, atol=1e-6)
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-6)
     assert a["sampler"]["weights"] == pytest.approx(b["sampler"]["weights"])

@@ -1,0 +1,131 @@
+"""``shear demo``: the whole method on the embedded default model and the default corpus.
+
+1. the default multi-domain corpus (:mod:`shear.corpus`, cached);
+2. pruning SmolLM2-135M-Instruct to the demo target with dynamic batch loading; the
+   reference losses are the source's measured held-out losses (the documented fallback:
+   no other sizes of the family are available offline to fit the scaling law);
+3. continued pre-training of the exported model with dynamic batch loading against the
+   same references;
+4. per-domain evaluation of the source, the pruned and the final model, ``report.md``.
+
+Each stage is skipped when its report exists and resumed from its checkpoint when one
+exists, so an interrupted demo continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from shear.report import domain_weight_summary
+
+
+def _say(message: str) -> None:
+    print(f"shear demo: {message}", file=sys.stderr, flush=True)
+
+
+def run_demo(
+    out: str | Path,
+    target: str,
+    budget: dict[str, dict[str, Any]],
+    data: str | None = None,
+    num_workers: int = 0,
+) -> dict[str, Any]:
+    """Run (or continue) the demo.
+
+    Args:
+        out: the demo folder.
+        target: the target architecture.
+        budget: ``{"prune": {...}, "train": {...}}`` config overrides of the two stages.
+        data: a data folder (default: the default corpus, built into ``out/data``).
+        num_workers: DataLoader workers.
+
+    Returns:
+        ``{"out", "data", "pruned", "model", "report"}``.
+    """
+    from shear.prune import PruneConfig, run_prune
+    from shear.train import run_train
+    from shear.trainer import TrainConfig
+
+    out = Path(out)
+    if data is None:
+        from shear.corpus import build_default_corpus
+
+        _say(f"building the default corpus in {out / 'data'} (cached after the first run)")
+        build_default_corpus(out / "data", log=_say)
+        data = str(out / "data")
+
+    prune_dir, train_dir = out / "prune", out / "train"
+    if not (prune_dir / "report.md").exists():
+        resume = (prune_dir / "checkpoint.pt").exists()
+        _say(f"{'resuming' if resume else 'starting'} pruning to {target} (dynamic batch loading)")
+        cfg = PruneConfig(model="default", target=target, data=data, out=str(prune_dir), resume=resume,
+                          dynamic=True, num_workers=num_workers, **budget["prune"])  # fmt: skip
+        run_prune(cfg)
+    reference = json.loads((prune_dir / "reference_losses.json").read_text())
+    if not (train_dir / "report.md").exists():
+        resume = (train_dir / "checkpoint.pt").exists()
+        _say(f"{'resuming' if resume else 'starting'} continued pre-training (dynamic batch loading)")
+        cfg = TrainConfig(model=str(prune_dir / "export"), data=data, out=str(train_dir), resume=resume,
+                          dynamic=True, reference_losses=reference, num_workers=num_workers,
+                          **budget["train"])  # fmt: skip
+        run_train(cfg)
+    report = write_demo_report(out, target, data, prune_dir, train_dir, reference)
+    return {
+        "out": str(out),
+        "data": data,
+        "pruned": str(prune_dir / "export"),
+        "model": str(train_dir / "model"),
+        "report": str(report),
+    }
+
+
+def _records(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def write_demo_report(
+    out: Path, target: str, data: str, prune_dir: Path, train_dir: Path, reference: dict[str, float]
+) -> Path:
+    """``out/report.md``: perplexity per domain at every stage and how the domain weights moved."""
+    pe = json.loads((prune_dir / "evals.json").read_text())
+    te = json.loads((train_dir / "evals.json").read_text())
+    cols = {
+        "reference": reference,
+        "source": pe["source"],
+        "pruned (exported)": pe["exported"],
+        "after continued pre-training": te["saved"],
+    }
+    lines = [
+        "# shear demo",
+        "",
+        f"SmolLM2-135M-Instruct pruned to `{target}`, then continued pre-training, both with dynamic "
+        f"batch loading, on `{data}`. Reference losses: the source's measured held-out losses.",
+        "",
+        "## Perplexity per domain (held-out data)",
+        "",
+        "| domain | " + " | ".join(cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
+    for d in reference:
+        lines.append(f"| {d} | " + " | ".join(f"{math.exp(c[d]):.2f}" for c in cols.values()) + " |")
+    for title, run in (("Pruning", prune_dir), ("Continued pre-training", train_dir)):
+        s = domain_weight_summary(_records(run))
+        lines += ["", f"## {title}: domain weights", ""]
+        if s is None:
+            lines.append("No reference losses were logged.")
+            continue
+        lines += ["| domain | mean loss gap | weight at start | weight at end |", "|---|---|---|---|"]
+        for d, r in s["domains"].items():
+            lines.append(f"| {d} | {r['gap_mean']:+.3f} | {r['weight_start']:.3f} | {r['weight_end']:.3f} |")
+        lines += [
+            "",
+            f"Largest mean gap: **{s['largest_gap']}**; largest weight gain: **{s['largest_gain']}**. "
+            f"Details: [{run.name}/report.md]({run.name}/report.md) and its plots.",
+        ]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
