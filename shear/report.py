@@ -128,11 +128,22 @@ def domain_weight_summary(records: list[dict[str, Any]]) -> dict[str, Any] | Non
             "weight_start": first_w[d],
             "weight_end": last_w[d],
         }
+    gain = max(rows, key=lambda d: rows[d]["weight_end"] - rows[d]["weight_start"])
+    moved = rows[gain]["weight_end"] - rows[gain]["weight_start"] > 1e-9
     return {
         "domains": rows,
         "largest_gap": max(rows, key=lambda d: rows[d]["gap_mean"]),
-        "largest_gain": max(rows, key=lambda d: rows[d]["weight_end"] - rows[d]["weight_start"]),
+        "largest_gain": gain if moved else None,
     }
+
+
+def weight_verdict(summary: dict[str, Any]) -> str:
+    """One sentence: did the weights move toward the domain furthest above its reference?"""
+    top, gain = summary["largest_gap"], summary["largest_gain"]
+    if gain is None:
+        return f"Furthest above its reference on average: **{top}**; the domain weights did not change."
+    verdict = "the same domain" if top == gain else f"not the same domain: {gain} gained the most"
+    return f"Furthest above its reference on average: **{top}**; largest weight gain: **{gain}** ({verdict})."
 
 
 def _domain_lines(records: list[dict[str, Any]]) -> list[str]:
@@ -151,13 +162,7 @@ def _domain_lines(records: list[dict[str, Any]]) -> list[str]:
             f"| {d} | {r['reference']:.3f} | {r['gap_first']:+.3f} | {r['gap_last']:+.3f} | "
             f"{r['weight_start']:.3f} | {r['weight_end']:.3f} |"
         )
-    top, gain = summary["largest_gap"], summary["largest_gain"]
-    verdict = "the same domain" if top == gain else f"not the same domain: {gain} gained the most"
-    lines += [
-        "",
-        f"Furthest above its reference on average: **{top}**; largest weight gain: **{gain}** ({verdict}).",
-    ]
-    return lines
+    return lines + ["", weight_verdict(summary)]
 
 
 def _ppl(loss: float | None) -> str:

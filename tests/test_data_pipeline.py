@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import shear.data.token_cache as token_cache
-from shear.data import DomainBatchLoader, DomainSampler, build_corpus, find_sources, read_domains
+from shear.data import DomainBatchLoader, DomainSampler, TokenRows, build_corpus, find_sources, read_domains
+from shear.data.corpus import held_out_rows
 from shear.errors import ShearError
 
 DOCS = {
@@ -74,10 +75,14 @@ def test_packing_and_held_out_split_never_overlap(tmp_path, tokenizer):
         ids = tokenizer(DOCS[d], add_special_tokens=False)["input_ids"]
         flat = [t for doc in ids for t in doc + [tokenizer.eos_token_id]]
         n = len(flat) // 16
-        train, held = corpus.train[d].tensor(), corpus.eval[d]
+        train, held = corpus.train[d], corpus.eval[d]
         assert len(train) + len(held) == n and len(held) == 3
-        # train is the stream's first sequences, evaluation the last: disjoint by construction
-        assert torch.cat([train.flatten(), held.flatten()]).tolist() == flat[: n * 16]
+        rows = list(train.rows) + list(held_out_rows(n, 3))
+        assert sorted(rows) == list(range(n))  # every sequence in exactly one split
+        spread = held_out_rows(n, 3)
+        assert spread[0] < n / 3 <= spread[1] < 2 * n / 3 <= spread[2]  # spread over the stream
+        stream = torch.tensor(flat[: n * 16]).view(n, 16)
+        assert torch.equal(held, stream[spread]) and torch.equal(train.tensor(), stream[train.rows])
 
 
 def test_token_cache_is_reused_and_follows_changes(tmp_path, tokenizer, monkeypatch):
@@ -94,10 +99,8 @@ def test_token_cache_is_reused_and_follows_changes(tmp_path, tokenizer, monkeypa
     lines.clear()
     again = build_corpus(data, tokenizer, 32, 2, cache_dir=tmp_path / "c", log=lines.append)  # other seq_len
     assert calls == [] and all("cached" in x for x in lines)
-    assert torch.equal(
-        again.train["code"].tensor().flatten(),
-        first.train["code"].tensor().flatten()[: again.train["code"].numel()],
-    )
+    # the same stream, packed at another length
+    assert torch.equal(again.train["code"][0], torch.cat([first.train["code"][0], first.train["code"][1]]))
     assert first.train["code"].file.path == again.train["code"].file.path
     # one changed domain is tokenised again, the other still comes from the cache
     (data / "prose.jsonl").write_text(json.dumps({"text": "new text " * 200}) + "\n")
@@ -155,6 +158,6 @@ def test_empty_and_missing_domains_are_errors(tmp_path, tokenizer):
     corpus = build_corpus(_jsonl_folder(tmp_path / "d"), tokenizer, 16, 2, cache_dir=tmp_path / "c")
     with pytest.raises(ShearError, match="do not match"):
         DomainSampler(corpus, {"code": 1.0})
-    corpus.train["code"] = corpus.train["code"].__class__(corpus.train["code"].file, 16, 0, 0)
+    corpus.train["code"] = TokenRows(corpus.train["code"].file, 16, [])
     with pytest.raises(ShearError, match=r"\['code'\] have no training sequences"):
         DomainSampler(corpus, {"code": 1.0, "prose": 1.0})

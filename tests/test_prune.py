@@ -116,7 +116,8 @@ _DDP_SCRIPT = textwrap.dedent(
 def test_two_gloo_processes_match_one(tiny_source, data_dir, tmp_path):
     # dynamic loading on: rank 0 computes the domain weights, every rank must receive them
     cfg = _cfg(tiny_source, data_dir, tmp_path / "one", steps=3, checkpoint_interval=3, eval_interval=3,
-               dynamic=True, dynamic_interval=1)  # fmt: skip
+               dynamic=True, dynamic_interval=1,
+               reference_losses={"code": 0.0, "licenses": 100.0, "changelogs": 100.0})  # fmt: skip
     run_prune(cfg)
     two = dict(cfg.__dict__, out=str(tmp_path / "two"))
     script = tmp_path / "ddp.py"

@@ -1,9 +1,10 @@
 """Packed token sequences per domain, with a held-out evaluation split that never overlaps training.
 
 Each domain's token stream (documents joined with EOS, see :mod:`shear.data.token_cache`)
-is cut into consecutive sequences of ``seq_len`` tokens; the partial tail is dropped. The
-*last* ``eval_sequences`` sequences of every domain are held out, the rest is training
-data, so the two splits share no token.
+is cut into consecutive sequences of ``seq_len`` tokens; the partial tail is dropped.
+``eval_sequences`` of them, spread evenly over the stream (so a domain made of several
+sources is evaluated on all of them), are held out; the rest is training data, so the two
+splits share no token.
 """
 
 from __future__ import annotations
@@ -22,32 +23,36 @@ from shear.errors import ShearError
 
 
 class TokenRows:
-    """``count`` sequences of ``seq_len`` tokens from a memory-mapped stream, from sequence ``start``.
+    """Some of the ``seq_len``-token sequences of a memory-mapped stream, by sequence index.
 
     Indexing returns one sequence as an int64 tensor; nothing is read before that.
     """
 
-    def __init__(self, file: TokenFile, seq_len: int, start: int, count: int):
-        self.file, self.seq_len, self.start, self.count = file, seq_len, start, count
+    def __init__(self, file: TokenFile, seq_len: int, rows: np.ndarray):
+        self.file, self.seq_len, self.rows = file, seq_len, np.asarray(rows, dtype=np.int64)
 
     def __len__(self) -> int:
-        return self.count
+        return len(self.rows)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        if not -self.count <= i < self.count:
-            raise IndexError(f"sequence {i} of {self.count}")
-        lo = (self.start + i % self.count) * self.seq_len
+        lo = int(self.rows[i]) * self.seq_len
         return torch.from_numpy(self.file.array[lo : lo + self.seq_len].astype(np.int64))
 
     def numel(self) -> int:
         """Tokens in these sequences."""
-        return self.count * self.seq_len
+        return len(self.rows) * self.seq_len
 
     def tensor(self) -> torch.Tensor:
-        """All sequences as one ``[count, seq_len]`` int64 tensor (read into memory)."""
-        lo = self.start * self.seq_len
-        flat = self.file.array[lo : lo + self.count * self.seq_len].astype(np.int64)
-        return torch.from_numpy(flat).view(self.count, self.seq_len)
+        """All these sequences as one ``[len, seq_len]`` int64 tensor (read into memory)."""
+        if len(self.rows) == 0:
+            return torch.zeros(0, self.seq_len, dtype=torch.long)
+        idx = self.rows[:, None] * self.seq_len + np.arange(self.seq_len)
+        return torch.from_numpy(self.file.array[idx].astype(np.int64))
+
+
+def held_out_rows(n: int, m: int) -> np.ndarray:
+    """``m`` of ``n`` sequence indices spread evenly: the middle one of each of ``m`` equal stretches."""
+    return ((np.arange(m) + 0.5) * n / m).astype(np.int64)
 
 
 @dataclass
@@ -122,7 +127,7 @@ def build_corpus(
     num_proc: int | None = None,
     log: Callable[[str], None] | None = None,
 ) -> Corpus:
-    """Read, tokenise (once, cached) and pack a data path, holding out the last sequences per domain.
+    """Read, tokenise (once, cached) and pack a data path, holding out sequences spread over each domain.
 
     Args:
         path: a domain folder or a saved Hugging Face dataset.
@@ -154,7 +159,8 @@ def build_corpus(
                 f"domain {name!r} has {n} sequences of {seq_len} tokens; it needs at least "
                 f"{eval_sequences + 1} (training plus {eval_sequences} held out)"
             )
-        n_train = n - eval_sequences
-        held[name] = TokenRows(file, seq_len, n_train, eval_sequences).tensor()
-        train[name] = TokenRows(file, seq_len, 0, min(n_train, max_train_sequences or n_train))
+        held_out = held_out_rows(n, eval_sequences)
+        rest = np.setdiff1d(np.arange(n), held_out)
+        held[name] = TokenRows(file, seq_len, held_out).tensor()
+        train[name] = TokenRows(file, seq_len, rest[:max_train_sequences] if max_train_sequences else rest)
     return Corpus(seq_len, train, held)
