@@ -33,6 +33,7 @@ def run_demo(
     budget: dict[str, dict[str, Any]],
     data: str | None = None,
     num_workers: int = 0,
+    model: str = "default",
 ) -> dict[str, Any]:
     """Run (or continue) the demo.
 
@@ -42,6 +43,7 @@ def run_demo(
         budget: ``{"prune": {...}, "train": {...}}`` config overrides of the two stages.
         data: a data folder (default: the default corpus, built into ``out/data``).
         num_workers: DataLoader workers.
+        model: the source model (default: the embedded SmolLM2-135M-Instruct).
 
     Returns:
         ``{"out", "data", "pruned", "model", "report"}``.
@@ -62,7 +64,7 @@ def run_demo(
     if not (prune_dir / "report.md").exists():
         resume = (prune_dir / "checkpoint.pt").exists()
         _say(f"{'resuming' if resume else 'starting'} pruning to {target} (dynamic batch loading)")
-        cfg = PruneConfig(model="default", target=target, data=data, out=str(prune_dir), resume=resume,
+        cfg = PruneConfig(model=model, target=target, data=data, out=str(prune_dir), resume=resume,
                           dynamic=True, num_workers=num_workers, **budget["prune"])  # fmt: skip
         run_prune(cfg)
     reference = json.loads((prune_dir / "reference_losses.json").read_text())
@@ -73,7 +75,7 @@ def run_demo(
                           dynamic=True, reference_losses=reference, num_workers=num_workers,
                           **budget["train"])  # fmt: skip
         run_train(cfg)
-    report = write_demo_report(out, target, data, prune_dir, train_dir, reference)
+    report = write_demo_report(out, model, target, data, prune_dir, train_dir, reference)
     return {
         "out": str(out),
         "data": data,
@@ -88,7 +90,13 @@ def _records(run: Path) -> list[dict[str, Any]]:
 
 
 def write_demo_report(
-    out: Path, target: str, data: str, prune_dir: Path, train_dir: Path, reference: dict[str, float]
+    out: Path,
+    model: str,
+    target: str,
+    data: str,
+    prune_dir: Path,
+    train_dir: Path,
+    reference: dict[str, float],
 ) -> Path:
     """``out/report.md``: perplexity per domain at every stage and how the domain weights moved."""
     pe = json.loads((prune_dir / "evals.json").read_text())
@@ -99,10 +107,11 @@ def write_demo_report(
         "pruned (exported)": pe["exported"],
         "after continued pre-training": te["saved"],
     }
+    name = "SmolLM2-135M-Instruct" if model == "default" else model
     lines = [
         "# shear demo",
         "",
-        f"SmolLM2-135M-Instruct pruned to `{target}`, then continued pre-training, both with dynamic "
+        f"{name} pruned to `{target}`, then continued pre-training, both with dynamic "
         f"batch loading, on `{data}`. Reference losses: the source's measured held-out losses.",
         "",
         "## Perplexity per domain (held-out data)",

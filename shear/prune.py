@@ -142,7 +142,9 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
         raise ShearError(f"{cfg.model} has no tokenizer; shear prune needs one to read --data")
     source = Arch.from_config(model.config)
     target = resolve_target(source, cfg.target)
-    corpus = build_corpus(cfg.data, tokenizer, cfg.seq_len, cfg.eval_sequences, cfg.max_train_sequences)
+    corpus = build_corpus(
+        cfg.data, tokenizer, cfg.seq_len, cfg.eval_sequences, cfg.max_train_sequences, log=ctx.say
+    )
     gen = torch.Generator(device=ctx.device).manual_seed(cfg.seed)
     masks = HardConcreteMasks(source, target, cfg.mask_types, generator=gen).to(ctx.device)
     # the source's losses, measured before the masks go in: the report's baseline and the

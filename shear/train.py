@@ -92,7 +92,9 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     model, tokenizer = load_source(cfg.model, device=ctx.device)
     if tokenizer is None:
         raise ShearError(f"{cfg.model} has no tokenizer; shear train needs one to read --data")
-    corpus = build_corpus(cfg.data, tokenizer, cfg.seq_len, cfg.eval_sequences, cfg.max_train_sequences)
+    corpus = build_corpus(
+        cfg.data, tokenizer, cfg.seq_len, cfg.eval_sequences, cfg.max_train_sequences, log=ctx.say
+    )
     initial_eval = None if cfg.resume else ctx.evaluate(model, corpus)
     task = TrainTask(cfg, model)
     loop, extra = run_loop(ctx, task, corpus, None, {"initial_eval": initial_eval})

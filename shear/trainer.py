@@ -23,6 +23,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -145,6 +146,11 @@ class RunContext:
     def checkpoint_path(self) -> Path:
         """The run's checkpoint file."""
         return self.out / "checkpoint.pt"
+
+    def say(self, message: str) -> None:
+        """A progress line on stderr (rank 0 only)."""
+        if self.main:
+            print(f"shear: {message}", file=sys.stderr, flush=True)
 
     def autocast(self) -> Any:
         """bf16 autocast on GPU (or when asked), else nothing."""

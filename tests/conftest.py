@@ -102,7 +102,7 @@ def tiny_source(tmp_path_factory):
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     """A small real multi-domain data folder (text on this machine)."""
-    from shear.machine_corpus import build_machine_corpus
+    from machine_corpus import build_machine_corpus
 
     return str(build_machine_corpus(tmp_path_factory.mktemp("data") / "corpus", max_bytes_per_domain=30_000))
 

@@ -136,3 +136,13 @@ def test_prune_and_eval_commands(tiny_source, data_dir, tmp_path, capsys):
     assert main(["prune", "--model", tiny_source, "--target", target, "--data", str(tmp_path / "nodata"),
                  "--out", str(tmp_path / "r2")]) == 2  # fmt: skip
     assert "data folder not found" in capsys.readouterr().err
+
+
+def test_data_default_command_reports_what_it_cannot_build(tmp_path, capsys):
+    # the standard library alone is one domain: the corpus needs two, and says so
+    out = tmp_path / "corpus"
+    assert main(["data", "default", "--out", str(out), "--sources", "python-stdlib"]) == 2
+    assert "at least 2 domains" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["data", "default", "--out", str(out), "--sources", "no-such-source"]) == 2
+    assert "no-such-source" in capsys.readouterr().err

@@ -757,8 +757,6 @@ def test_clean_text():
 
 @pytest.mark.slow
 def test_real_default_corpus(tmp_path, request):
-    if "slow" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("downloads about 45 MB; run with -m slow")
     lines: list[str] = []
     start = time.monotonic()
     manifest = build_default_corpus(

@@ -1,7 +1,6 @@
-"""A small multi-domain corpus from text already on the machine (the demo's interim data).
+"""Test data: a small multi-domain corpus from text already on the machine, no download.
 
-Until the default corpus of the dynamic-batch-loading work exists, ``shear demo`` prunes on
-three domains every Debian + CPython machine has, with no download:
+Three domains every Debian + CPython machine has:
 
 * ``code``: the running Python's standard library ``.py`` files (tests excluded);
 * ``licenses``: ``/usr/share/common-licenses`` and CPython's LICENSE;
