@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +72,36 @@ def replace_dir(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+@contextmanager
+def atomic_dir(out: str | os.PathLike, what: str = "the folder") -> Iterator[Path]:
+    """A temporary folder beside ``out`` to fill; on success it replaces ``out``, on failure it goes.
+
+    Args:
+        out: the destination folder (an existing one is kept until the new one is complete).
+        what: named in error messages ("the export", "the model").
+
+    Yields:
+        The temporary folder.
+
+    Raises:
+        ShearError: the folder could not be created or written (an ``OSError`` inside).
+    """
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise ShearError(f"cannot write {what} to {out.parent}: {e}") from e
+    try:
+        yield tmp
+        replace_dir(tmp, out)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise ShearError(f"writing {what} to {out} failed: {e}") from e
+        raise
+
+
 def save_model_atomic(model: Any, out: str | os.PathLike, tokenizer: Any = None) -> Path:
     """``save_pretrained`` (safetensors) into a temporary folder beside ``out``, then rename it to ``out``.
 
@@ -84,20 +116,8 @@ def save_model_atomic(model: Any, out: str | os.PathLike, tokenizer: Any = None)
     Raises:
         ShearError: the write failed; nothing partial is left and an old ``out`` is kept.
     """
-    out = Path(out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    except OSError as e:
-        raise ShearError(f"cannot write the model to {out.parent}: {e}") from e
-    try:
+    with atomic_dir(out, "the model") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        replace_dir(tmp, out)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise ShearError(f"writing the model to {out} failed: {e}") from e
-        raise
-    return out
+    return Path(out)

@@ -43,7 +43,6 @@ import copy
 import json
 import os
 import re
-import shutil
 import struct
 import sys
 import tempfile
@@ -59,7 +58,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from shear.arch import Arch
-from shear.checkpoint import replace_dir
+from shear.checkpoint import atomic_dir
 from shear.errors import ShearError
 from shear.masks import HardConcreteMasks, product
 
@@ -760,12 +759,7 @@ def export_pruned(
     parse_size(max_shard_size)
     chosen = resolve_backend(backend, plan)
     print(f"shear: export backend: {chosen.detail}", file=sys.stderr, flush=True)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    except OSError as e:
-        raise ShearError(f"cannot write the export to {out.parent}: {e}") from e
-    try:
+    with atomic_dir(out, "the export") as tmp:
         files = write_weights(tmp, plan, chosen, max_shard_size)
         config.save_pretrained(tmp)
         gen = getattr(model, "generation_config", None)
@@ -773,23 +767,12 @@ def export_pruned(
             gen.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / "shear_export.json").write_text(
-            json.dumps(
-                {
-                    "source": masks.source.summary(),
-                    "target": arch.summary(),
-                    "backend": chosen.name,
-                    "backend_detail": chosen.detail,
-                    "weights": files,
-                },
-                indent=2,
-            )
-            + "\n"
-        )
-        replace_dir(tmp, out)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise ShearError(f"writing the export to {out} failed: {e}") from e
-        raise
+        record = {
+            "source": masks.source.summary(),
+            "target": arch.summary(),
+            "backend": chosen.name,
+            "backend_detail": chosen.detail,
+            "weights": files,
+        }
+        (tmp / "shear_export.json").write_text(json.dumps(record, indent=2) + "\n")
     return out
