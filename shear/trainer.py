@@ -303,6 +303,11 @@ def run_loop(
         log.truncate_after(start)
     if cfg.dynamic and ctx.main:
         _check_reference(reference, corpus)
+    if cfg.dynamic and any(w <= 0 for w in loader.weights.values()):
+        zero = [d for d, w in loader.weights.items() if w <= 0]
+        raise ShearError(
+            f"dynamic batch loading needs a positive initial weight for every domain; {zero} have 0"
+        )
 
     trainable = task.objective
     if ctx.world > 1:

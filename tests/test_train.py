@@ -179,3 +179,34 @@ def test_two_gloo_ranks_share_weights_and_see_disjoint_samples(tiny_source, data
         assert len(a["ids"]) == len(b["ids"]) == 2
         assert not {tuple(x) for x in a["ids"]} & {tuple(x) for x in b["ids"]}, step  # disjoint samples
         assert a["ids"] + b["ids"] == g["ids"] and a["domains"] + b["domains"] == g["domains"]
+
+
+def test_dynamic_needs_positive_initial_weights(tiny_source, data_dir, tmp_path):
+    refs = _refs(data_dir, "code")
+    weights = {"code": 1.0, "licenses": 1.0, "changelogs": 0.0}
+    with pytest.raises(ShearError, match=r"positive initial weight.*\['changelogs'\]"):
+        run_train(_cfg(tiny_source, data_dir, tmp_path / "a", reference_losses=refs, domain_weights=weights))
+
+
+def test_reference_losses_measured_on_models(tiny_source, data_dir, tmp_path, capsys):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_source)
+    models = []
+    for hidden in (16, 32, 64):  # three sizes of one family
+        torch.manual_seed(0)
+        cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, vocab_size=len(tok))  # fmt: skip
+        path = tmp_path / f"m{hidden}"
+        LlamaForCausalLM(cfg).save_pretrained(path)
+        tok.save_pretrained(path)
+        models.append(str(path))
+    out = tmp_path / "refs.json"
+    args = ["reference-losses", "--models", *models, "--data", data_dir, "--seq-len", "32"]
+    args += ["--target", models[1]]
+    assert main([*args, "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert set(r["reference_losses"]) == {"code", "licenses", "changelogs"}
+    assert len(r["sizes"]) == 3 and r["target_params"] == r["sizes"][1]  # the target counted from its folder
+    assert main(["reference-losses", "--models", models[0], "--target", "1e6"]) == 2
+    assert "--models needs --data" in capsys.readouterr().err
