@@ -54,10 +54,10 @@ def run_demo(
 
     out = Path(out)
     if data is None:
-        from shear.corpus import build_default_corpus
+        from shear.corpus import build_default_corpus, format_manifest
 
         _say(f"building the default corpus in {out / 'data'} (cached after the first run)")
-        build_default_corpus(out / "data", log=_say)
+        _say(format_manifest(build_default_corpus(out / "data", log=_say)))
         data = str(out / "data")
 
     prune_dir, train_dir = out / "prune", out / "train"

@@ -316,7 +316,6 @@ def build_default_corpus(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"default corpus: done in {time.monotonic() - start:.0f} s")
-    log(format_manifest({**manifest, "path": str(out)}))
     return {**manifest, "path": str(out)}
 
 
