@@ -227,6 +227,8 @@ def _run_config(config: type, args: argparse.Namespace, **fixed: Any) -> Any:
 
 
 def _print_result(r: dict[str, Any]) -> None:
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 speaks for the run
+        return
     print(f"run folder:     {r['out']}")
     if r.get("export") or r.get("model"):
         print(f"model:          {r.get('export') or r.get('model')}")
