@@ -210,3 +210,20 @@ def test_reference_losses_measured_on_models(tiny_source, data_dir, tmp_path, ca
     assert len(r["sizes"]) == 3 and r["target_params"] == r["sizes"][1]  # the target counted from its folder
     assert main(["reference-losses", "--models", models[0], "--target", "1e6"]) == 2
     assert "--models needs --data" in capsys.readouterr().err
+
+
+def test_torchrun_module_entry_point_trains_on_two_gloo_ranks(tiny_source, data_dir, tmp_path):
+    out = tmp_path / "run"
+    refs = json.dumps(_refs(data_dir, "code"))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+         "-m", "shear", "train", "--model", tiny_source, "--data", data_dir, "--out", str(out),
+         "--steps", "2", "--batch-size", "4", "--seq-len", "32", "--dynamic-interval", "1",
+         "--num-workers", "1", "--reference-losses", refs, "--no-export"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("run folder:") == 1  # rank 0 reports, rank 1 stays quiet
+    steps = [x for x in _log(out) if "loss" in x]
+    assert len(steps) == 2 and steps[-1]["domain_weights"]["code"] > 0.9
