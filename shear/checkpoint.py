@@ -1,7 +1,8 @@
-"""Atomic checkpoint files: write to a temporary name, fsync, rename.
+"""Atomic files and folders: write under a temporary name, fsync, rename.
 
-A kill or a full disk during :func:`save_atomic` leaves the previous checkpoint intact and
-no partial file behind. :func:`load` uses ``torch.load(weights_only=True)``, so a
+A kill or a full disk during :func:`write_atomic` / :func:`save_atomic` leaves the previous
+file intact and no partial one behind; :func:`atomic_dir` does the same for whole folders
+(exports, saved models). :func:`load` uses ``torch.load(weights_only=True)``, so a
 checkpoint holds only tensors, numbers, strings and containers of them.
 """
 
@@ -10,14 +11,44 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
 from shear.errors import ShearError
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> Path:
+    """Write a file through ``write(f)`` under a temporary name beside ``path``, fsync, rename.
+
+    Args:
+        path: destination file; its folder is created.
+        write: fills the open binary file.
+
+    Returns:
+        The path.
+
+    Raises:
+        Whatever ``write`` or the file system raised; the temporary file is gone and an
+        old ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
@@ -33,24 +64,23 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
     Raises:
         ShearError: the write failed (e.g. the disk is full); the old file is untouched.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError | RuntimeError):
-            raise ShearError(f"writing checkpoint {path} failed ({e}); the previous one is kept") from e
-        raise
-    return path
+        return write_atomic(path, lambda f: torch.save(obj, f))
+    except (OSError, RuntimeError) as e:
+        raise ShearError(f"writing checkpoint {path} failed ({e}); the previous one is kept") from e
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (a staging folder's owner, say)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, it is not ours
+    except OSError:
+        return False
+    return True
 
 
 def load(path: str | os.PathLike) -> Any:

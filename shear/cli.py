@@ -241,39 +241,27 @@ def _print_result(r: dict[str, Any]) -> None:
         print(f"perplexity (held out): {ppl}")
 
 
+def _run(args: argparse.Namespace, config: type, runner: Any, **fixed: Any) -> int:
+    """Build a run's config from the options, run it and print where everything is."""
+    cfg = _run_config(
+        config, args, model=args.model, data=args.data, out=args.out, resume=args.resume,
+        export=not args.no_export, **fixed,
+    )  # fmt: skip
+    _print_result(runner(cfg))
+    return 0
+
+
 def _cmd_prune(args: argparse.Namespace) -> int:
     from shear.prune import PruneConfig, run_prune
 
-    cfg = _run_config(
-        PruneConfig,
-        args,
-        model=args.model,
-        target=args.target,
-        data=args.data,
-        out=args.out,
-        mask_types=args.types,
-        resume=args.resume,
-        export=not args.no_export,
-    )
-    _print_result(run_prune(cfg))
-    return 0
+    return _run(args, PruneConfig, run_prune, target=args.target, mask_types=args.types)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from shear.train import run_train
     from shear.trainer import TrainConfig
 
-    cfg = _run_config(
-        TrainConfig,
-        args,
-        model=args.model,
-        data=args.data,
-        out=args.out,
-        resume=args.resume,
-        export=not args.no_export,
-    )
-    _print_result(run_train(cfg))
-    return 0
+    return _run(args, TrainConfig, run_train)
 
 
 def _cmd_data(args: argparse.Namespace) -> int:

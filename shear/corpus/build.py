@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from shear.checkpoint import process_alive, replace_dir
 from shear.corpus import fetch
 from shear.corpus import stdlib as stdlib_mod
 from shear.corpus.files import normalise_newlines
@@ -88,16 +89,6 @@ def _load_cached(out: Path, recipe: dict[str, Any]) -> dict[str, Any] | None:
     return manifest
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # exists, not ours
-    return True
-
-
 def _clean_stale(out: Path) -> None:
     """Remove ``OUT.tmp-<pid>`` / ``OUT.old-<pid>`` folders left by builds that were killed."""
     if not out.parent.is_dir():
@@ -107,7 +98,7 @@ def _clean_stale(out: Path) -> None:
             prefix = out.name + tag
             if entry.name.startswith(prefix) and entry.name[len(prefix) :].isdigit():
                 pid = int(entry.name[len(prefix) :])
-                if pid != os.getpid() and not _pid_alive(pid):
+                if pid != os.getpid() and not process_alive(pid):
                     shutil.rmtree(entry, ignore_errors=True)
 
 
@@ -235,17 +226,6 @@ def _write_source(docs: Iterator[Doc], path: Path, budget: int | None) -> tuple[
     return size, count, files, full
 
 
-def _place(tmp: Path, out: Path) -> None:
-    """Move the finished build into place, replacing an older corpus at ``out`` if any."""
-    if out.exists():
-        old = out.with_name(f"{out.name}.old-{os.getpid()}")
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
-
-
 def _check_replaceable(out: Path) -> None:
     # Never delete a folder that is not a corpus we built: a typo in --out must not cost data.
     if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_JSON).is_file():
@@ -312,7 +292,7 @@ def build_default_corpus(
     start = time.monotonic()
     try:
         manifest = _build_into(tmp, selected, cache, recipe, max_bytes_per_domain, min_bytes_per_domain, log)
-        _place(tmp, out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"default corpus: done in {time.monotonic() - start:.0f} s")

@@ -9,9 +9,9 @@ Two layouts are accepted:
 * a dataset saved with ``Dataset.save_to_disk`` (or a ``DatasetDict``: its ``train``
   split) with a text column and a domain column.
 
-:func:`find_sources` only lists the inputs and fingerprints them (content hashes), so the
-tokenisation cache can tell whether anything changed; :func:`read_domain` reads one
-domain's documents.
+:func:`find_sources` only lists the inputs and fingerprints them (file paths, sizes and
+modification times), so the tokenisation cache can tell whether anything changed;
+:func:`read_domain` reads one domain's documents.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ class DomainSource:
         name: the domain.
         files: its files (folder layout), sorted; empty for a saved dataset.
         dataset: the saved dataset's folder (saved-dataset layout), else None.
-        fingerprint: a hash of everything that determines the domain's text.
+        fingerprint: a hash of the domain's files (paths, sizes, modification times) or of
+            the saved dataset's fingerprint and columns.
     """
 
     name: str
@@ -59,15 +60,14 @@ class DataSpec:
 DEFAULT_SPEC = DataSpec()
 
 
-def _hash_file(path: Path) -> str:
-    h = hashlib.sha256()
+def _file_key(path: Path, root: Path) -> str:
+    # Path, size and modification time, as make does: hashing the content would read every
+    # byte of the data at each start, minutes for a large corpus.
     try:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+        st = path.stat()
     except OSError as e:
         raise ShearError(f"cannot read {path}: {e}") from e
-    return h.hexdigest()
+    return f"{path.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def is_saved_dataset(path: Path) -> bool:
@@ -155,7 +155,7 @@ def find_sources(path: str | Path, spec: DataSpec = DEFAULT_SPEC) -> list[Domain
                 continue
             h = hashlib.sha256(f"{spec.text_column}".encode())
             for f in files:
-                h.update(f"{f.relative_to(root)}:{_hash_file(f)}\n".encode())
+                h.update(f"{_file_key(f, root)}\n".encode())
             sources.append(DomainSource(name, files, None, h.hexdigest()))
     if not sources:
         raise ShearError(

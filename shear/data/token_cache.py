@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from shear.checkpoint import write_atomic
 from shear.data.sources import DEFAULT_SPEC, DataSpec, DomainSource, read_domain
 from shear.errors import ShearError
 
@@ -81,19 +82,10 @@ def _default_cache() -> Path:
     return cache_root() / "tokens"
 
 
-def _write_atomic(path: Path, data: bytes | None = None, chunks: Sequence[np.ndarray] = ()) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+def _write_atomic(path: Path, chunks: Sequence[bytes | np.ndarray]) -> None:
     try:
-        with open(tmp, "wb") as f:
-            if data is not None:
-                f.write(data)
-            for c in chunks:
-                f.write(c.tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, lambda f: [f.write(c if isinstance(c, bytes) else c.tobytes()) for c in chunks])
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise ShearError(f"cannot write the token cache {path}: {e}") from e
 
 
@@ -178,8 +170,8 @@ def tokenize_domains(
                 "eos": eos,
                 "tokenizer": getattr(tokenizer, "name_or_path", ""),
             }
-            _write_atomic(bin_path, chunks=chunks)
-            _write_atomic(meta_path, json.dumps(meta, indent=1).encode())
+            _write_atomic(bin_path, chunks)
+            _write_atomic(meta_path, [json.dumps(meta, indent=1).encode()])
             status = "tokenised"
         else:
             status = "cached"
