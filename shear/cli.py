@@ -234,7 +234,7 @@ def _print_result(r: dict[str, Any]) -> None:
         print(f"model:          {r.get('export') or r.get('model')}")
         print(f"report:         {r['report']}")
         print(f"plots:          {Path(r['out']) / 'plots'}")
-    elif r["steps"] is not None and not r.get("report"):
+    elif r.get("stopped_early"):
         print(f"stopped after step {r['steps']}: continue with --resume")
     if r.get("final_eval"):
         ppl = ", ".join(f"{d} {math.exp(v):.2f}" for d, v in r["final_eval"].items())

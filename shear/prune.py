@@ -128,7 +128,7 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
         cfg: the options.
 
     Returns:
-        ``{"out", "export", "report", "final_eval", "steps"}``.
+        ``{"out", "export", "report", "final_eval", "steps", "stopped_early"}``.
 
     Raises:
         ShearError: bad input, a non-finite loss (the last good checkpoint is kept), or a
@@ -159,6 +159,7 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
     result = {
         "out": str(ctx.out),
         "steps": loop.steps,
+        "stopped_early": loop.stopped_early,
         "final_eval": loop.final_eval,
         "export": None,
         "report": None,

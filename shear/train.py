@@ -80,7 +80,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         cfg: the options; ``cfg.model`` is a model folder (e.g. a pruned export) or ``default``.
 
     Returns:
-        ``{"out", "model", "report", "initial_eval", "final_eval", "steps"}``.
+        ``{"out", "model", "report", "initial_eval", "final_eval", "steps", "stopped_early"}``.
 
     Raises:
         ShearError: bad input, missing reference losses with dynamic loading, a non-finite
@@ -104,6 +104,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     result = {
         "out": str(ctx.out),
         "steps": loop.steps,
+        "stopped_early": loop.stopped_early,
         "initial_eval": initial_eval,
         "final_eval": loop.final_eval,
         "model": None,

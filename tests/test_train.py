@@ -227,3 +227,12 @@ def test_torchrun_module_entry_point_trains_on_two_gloo_ranks(tiny_source, data_
     assert proc.stdout.count("run folder:") == 1  # rank 0 reports, rank 1 stays quiet
     steps = [x for x in _log(out) if "loss" in x]
     assert len(steps) == 2 and steps[-1]["domain_weights"]["code"] > 0.9
+
+
+def test_cli_says_resume_only_when_a_run_stopped_early(tiny_source, data_dir, tmp_path, capsys):
+    base = ["train", "--model", tiny_source, "--data", data_dir, "--steps", "2", "--batch-size", "2",
+            "--seq-len", "32", "--fixed", "--no-export"]  # fmt: skip
+    assert main([*base, "--out", str(tmp_path / "a")]) == 0
+    assert "continue with --resume" not in capsys.readouterr().out  # finished, export skipped
+    assert main([*base, "--out", str(tmp_path / "b"), "--stop-after", "1"]) == 0
+    assert "stopped after step 1: continue with --resume" in capsys.readouterr().out
