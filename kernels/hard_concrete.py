@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
+from shear.kernels.heuristics import ELEMENTWISE_BLOCK
 from shear.kernels.utils import check_launchable, ensure_contiguous
 from shear.ops.hard_concrete import (
     BETA,
@@ -50,9 +51,6 @@ _EPS = tl.constexpr(EPS)
 _BETA = tl.constexpr(BETA)
 _LIMIT_L = tl.constexpr(LIMIT_L)
 _LIMIT_R = tl.constexpr(LIMIT_R)
-
-#: Elements per program of the element-wise kernels.
-BLOCK_SIZE = 1024
 
 #: When True, launchers allocate their outputs filled with NaN instead of ``torch.empty``
 #: (tests set it so that any element a kernel fails to write shows up).
@@ -151,7 +149,7 @@ def _sigmoid_gate_backward_kernel(dp_ptr, la_ptr, dla_ptr, n, scale, shift, BLOC
 
 
 def _grid(n: int) -> tuple[int]:
-    return (triton.cdiv(n, BLOCK_SIZE),)
+    return (triton.cdiv(n, ELEMENTWISE_BLOCK),)
 
 
 def noise_for(seed: int, offset: int, n: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -175,7 +173,7 @@ def noise_for(seed: int, offset: int, n: int, device: torch.device | str | None 
     u = _empty(n, torch.float32, torch.device(device))
     check_launchable(u)
     if n > 0:
-        _noise_kernel[_grid(n)](u, n, int(seed), int(offset), BLOCK=BLOCK_SIZE)
+        _noise_kernel[_grid(n)](u, n, int(seed), int(offset), BLOCK=ELEMENTWISE_BLOCK)
     return u
 
 
@@ -205,7 +203,7 @@ def hard_concrete_forward(
     if n > 0:
         _hard_concrete_forward_kernel[_grid(n)](
             log_alpha, u if u is not None else log_alpha, z, n, int(seed), int(offset),
-            HAS_U=u is not None, BLOCK=BLOCK_SIZE,
+            HAS_U=u is not None, BLOCK=ELEMENTWISE_BLOCK,
         )  # fmt: skip
     return z
 
@@ -238,7 +236,7 @@ def hard_concrete_backward(
     if n > 0:
         _hard_concrete_backward_kernel[_grid(n)](
             dz, log_alpha, u if u is not None else log_alpha, dla, n, int(seed), int(offset),
-            HAS_U=u is not None, BLOCK=BLOCK_SIZE,
+            HAS_U=u is not None, BLOCK=ELEMENTWISE_BLOCK,
         )  # fmt: skip
     return dla
 
@@ -258,7 +256,9 @@ def sigmoid_gate_forward(log_alpha: torch.Tensor, scale: float, shift: float) ->
     p = _empty(n, log_alpha.dtype, log_alpha.device)
     check_launchable(log_alpha, p)
     if n > 0:
-        _sigmoid_gate_forward_kernel[_grid(n)](log_alpha, p, n, float(scale), float(shift), BLOCK=BLOCK_SIZE)
+        _sigmoid_gate_forward_kernel[_grid(n)](
+            log_alpha, p, n, float(scale), float(shift), BLOCK=ELEMENTWISE_BLOCK
+        )
     return p
 
 
@@ -281,7 +281,7 @@ def sigmoid_gate_backward(
     check_launchable(dp, log_alpha, dla)
     if n > 0:
         _sigmoid_gate_backward_kernel[_grid(n)](
-            dp, log_alpha, dla, n, float(scale), float(shift), BLOCK=BLOCK_SIZE
+            dp, log_alpha, dla, n, float(scale), float(shift), BLOCK=ELEMENTWISE_BLOCK
         )
     return dla
 

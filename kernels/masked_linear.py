@@ -26,10 +26,16 @@ Zero skipping: masks hold exact zeros (the hard-concrete clamp, deterministic to
   loaded mask block) runs its K loop zero times and writes zeros.
 * Reduction blocks: a K-block whose ``m_in`` block is all zero is neither loaded nor
   multiplied. The launcher lists the live K-blocks first, with their count, using a few tiny
-  device ops (no host sync), and the kernel loops over that list. A branch on the mask block
-  inside the K loop would do the same work but, compiled offline for sm_90 (Triton 3.9), it
-  stops Triton from software-pipelining the loop (no cp.async stages: 32 KB of shared memory
-  instead of 96 KB); with the list, the loads stay pipelined.
+  device ops (no host sync), and the kernel loops over that list. The loop reads the next
+  live block's index one step ahead: Triton software-pipelines a loop only as deep as its
+  loads' addresses allow, and an index loaded in the same step (``kb = kidx[i]``) left the
+  tiles single-buffered on sm_80 (33 KB of shared memory instead of 64 KB at 128 x 128 x 64
+  tiles) and only the weights double-buffered on sm_90, for o_proj, down_proj and every dx
+  GEMM with a mask. Read ahead, the tiles keep 2 buffers on sm_80 (as without a mask) and
+  2 (x) and 3 (W) on sm_90 (``python -m shear.kernels.aot`` checks it; benchmarks/RESULTS.md).
+* Grouped input masks: ``m_in`` may hold one entry per group of consecutive input features
+  (o_proj's head mask: one entry per head of head_dim columns), read as ``m_in[k // group]``
+  in the kernels; its gradient is summed per group (per head).
 * The backward skips the same way: dx reduces only over live N-blocks and writes zeros in
   dead K-blocks; dW tiles with a dead N- or K-block are written as zeros without their M
   loop (a per-tile decision, so that loop stays branch-free too).
@@ -53,7 +59,8 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from shear.kernels.utils import check_launchable, ensure_contiguous, interpreter_active, upcast_dots
+from shear.kernels.heuristics import gemm_config
+from shear.kernels.utils import check_launchable, dot_flags, ensure_contiguous
 
 __all__ = [
     "MaskedLinearFunction",
@@ -105,8 +112,10 @@ def _masked_linear_forward_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_MIN: tl.constexpr,
     SCALE_MIN: tl.constexpr,
+    MIN_GROUP: tl.constexpr,
     HAS_MOUT: tl.constexpr,
     SCALE_MOUT: tl.constexpr,
+    MOUT_GROUP: tl.constexpr,
     ACCUMULATE: tl.constexpr,
     UPCAST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -119,6 +128,8 @@ def _masked_linear_forward_kernel(
     """C[M, N] (+)= (((A * m_in) B + bias) * m_out), A [M, K], B [K, N] (any strides).
 
     The forward pass runs it with B = W^T; the dx GEMM with A = dy, B = W and the masks swapped.
+    A mask holds one entry per MIN_GROUP (MOUT_GROUP) consecutive columns: 1, or head_dim for
+    a head mask.
     """
     pid = tl.program_id(0).to(tl.int64)
     pid_m, pid_n = _grouped_pid(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -128,21 +139,24 @@ def _masked_linear_forward_kernel(
     n_ok = offs_n < N
 
     # Reduction steps: every K-block, or only the live ones (m_in not all zero in the block),
-    # listed first in kidx by the launcher (on the device: no host sync). A list rather than a
-    # branch inside the loop keeps the loop branch-free, so that Triton software-pipelines it.
+    # listed first in kidx by the launcher (on the device: no host sync); see the module
+    # docstring for why a list, read one step ahead.
+    kb_next = 0
     if HAS_MIN:
         n_steps = tl.load(kcnt_ptr)
+        kb_next = tl.load(kidx_ptr)
     else:
         n_steps = tl.cdiv(K, BLOCK_K)
     # An output block whose m_out block is all zero runs its K loop zero times.
     if HAS_MOUT:
-        mo = tl.load(mout_ptr + offs_n, mask=n_ok, other=0.0).to(ACC_DTYPE)
+        mo = tl.load(mout_ptr + offs_n // MOUT_GROUP, mask=n_ok, other=0.0).to(ACC_DTYPE)
         n_steps = tl.where(tl.sum((mo != 0).to(tl.int32), axis=0) > 0, n_steps, 0)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     for i in range(0, n_steps):
         if HAS_MIN:
-            kb = tl.load(kidx_ptr + i)
+            kb = kb_next
+            kb_next = tl.load(kidx_ptr + i + 1, mask=i + 1 < n_steps, other=0)
         else:
             kb = i
         # int64: the dx GEMM strides over W's rows (offset n * K)
@@ -154,7 +168,7 @@ def _masked_linear_forward_kernel(
             other=0.0,
         )
         if HAS_MIN:
-            mi = tl.load(min_ptr + offs_k, mask=k_ok, other=0.0).to(ACC_DTYPE)
+            mi = tl.load(min_ptr + offs_k // MIN_GROUP, mask=k_ok, other=0.0).to(ACC_DTYPE)
             if SCALE_MIN:
                 # Prologue: scale in fp32, round once to the operand dtype (the reference
                 # rounds x * m_in to x's dtype too).
@@ -210,6 +224,7 @@ def _masked_linear_backward_kernel(
     stride_dwk,
     HAS_MIN: tl.constexpr,
     SCALE_MIN: tl.constexpr,
+    MIN_GROUP: tl.constexpr,
     HAS_MOUT: tl.constexpr,
     SCALE_MOUT: tl.constexpr,
     RUN_DOT: tl.constexpr,
@@ -250,7 +265,7 @@ def _masked_linear_backward_kernel(
         n_live = tl.sum((mo != 0).to(tl.int32), axis=0) > 0
         dot_on = dot_on & n_live
     if HAS_MIN:
-        mi = tl.load(min_ptr + offs_k, mask=k_ok, other=0.0).to(ACC_DTYPE)
+        mi = tl.load(min_ptr + offs_k // MIN_GROUP, mask=k_ok, other=0.0).to(ACC_DTYPE)
         dot_on = dot_on & (tl.sum((mi != 0).to(tl.int32), axis=0) > 0)
     # Liveness is uniform over the M loop, so the loop stays branch-free (software-pipelined).
     m_end = tl.where(dot_on, M, 0)
@@ -338,61 +353,26 @@ def _masked_linear_backward_kernel(
 # --------------------------------------------------------------------------------------
 
 
-def _pow2_block(n: int, cap: int) -> int:
-    """Power-of-two block for a dimension of size n: >= 16 (tl.dot's minimum), <= cap."""
-    return max(16, min(cap, triton.next_power_of_2(max(int(n), 1))))
+def _mask_group(mask: torch.Tensor | None, size: int, name: str, grouped: bool = False) -> int:
+    """Columns per mask entry: 1 for a ``[size]`` mask; ``size // n`` for a grouped ``[n]`` one."""
+    if mask is None:
+        return 1
+    n = mask.numel()
+    if mask.dim() != 1 or not (n == size or (grouped and n > 0 and size % n == 0)):
+        want = f"({size},) or (n,) with {size} % n == 0" if grouped else f"({size},)"
+        raise ValueError(f"{name} must have shape {want}, got {tuple(mask.shape)}")
+    return size // n
 
 
-def _gemm_blocks(
-    rows: int, cols: int, red: int, dtype: torch.dtype, block_sizes: tuple[int, int, int] | None
-) -> tuple[int, int, int, int, int]:
-    """(BLOCK_rows, BLOCK_cols, BLOCK_red, num_warps, num_stages) for one output tile.
-
-    Plain heuristics, not autotune: autotune with more than one config fails in the
-    interpreter. The interpreter gets 32-blocks (a few programs per test shape, and the
-    per-program cost, ~1 ms, dominates); GPUs get tensor-core sized tiles.
-    """
-    if block_sizes is not None:
-        br, bc, bk = block_sizes
-        return br, bc, bk, 4, 2
-    if interpreter_active():
-        return _pow2_block(rows, 32), _pow2_block(cols, 32), _pow2_block(red, 32), 4, 1
-    if dtype == torch.float64:
-        return _pow2_block(rows, 64), _pow2_block(cols, 64), _pow2_block(red, 32), 4, 2
-    bk_cap = 32 if dtype == torch.float32 else 64
-    br, bc = _pow2_block(rows, 128), _pow2_block(cols, 128)
-    num_warps = 8 if br * bc >= 128 * 128 else 4
-    return br, bc, _pow2_block(red, bk_cap), num_warps, 3
-
-
-def _dot_flags(dtype: torch.dtype) -> dict:
-    """Constexprs that set the dot's precision for the operand dtype."""
-    if dtype == torch.float32:
-        # Honour torch's TF32 switch, so that fp32 results match F.linear's on the same GPU.
-        precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    else:
-        precision = None
-    return dict(
-        UPCAST=bool(upcast_dots() and dtype == torch.bfloat16),
-        INPUT_PRECISION=precision,
-        ACC_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
-    )
-
-
-def _check_mask(mask: torch.Tensor | None, size: int, name: str) -> None:
-    if mask is not None and mask.shape != (size,):
-        raise ValueError(f"{name} must have shape ({size},), got {tuple(mask.shape)}")
-
-
-def _live_blocks(mask: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of the mask's blocks holding a non-zero entry, listed first, and their count.
+def _live_blocks(mask: torch.Tensor, block: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the blocks of columns holding a non-zero mask entry, listed first, and their count.
 
     A few tiny device ops (no host sync): the kernel loops over ``count`` entries of the list.
     """
-    n = mask.numel()
+    n = mask.numel() * group
     nb = triton.cdiv(n, block)
     nz = torch.zeros(nb * block, dtype=torch.bool, device=mask.device)
-    nz[:n] = mask != 0
+    nz[:n] = (mask != 0).repeat_interleave(group)
     live = nz.view(nb, block).any(1)
     order = torch.argsort(live.logical_not().to(torch.uint8), stable=True).to(torch.int32)
     return order, live.sum(dtype=torch.int32).reshape(1)
@@ -415,10 +395,12 @@ def _launch_gemm(
     N = b_kn.shape[1]
     if M == 0 or N == 0:
         return out
-    BM, BN, BK, num_warps, num_stages = _gemm_blocks(M, N, K, a.dtype, block_sizes)
+    BM, BN, BK, num_warps, num_stages = gemm_config(M, N, K, a.dtype, block_sizes)
     grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
     dummy = out  # never read: the matching HAS_* flag is False
-    kidx, kcnt = _live_blocks(m_red, BK) if m_red is not None else (dummy, dummy)
+    red_group = K // m_red.numel() if m_red is not None else 1
+    col_group = N // m_col.numel() if m_col is not None else 1
+    kidx, kcnt = _live_blocks(m_red, BK, red_group) if m_red is not None else (dummy, dummy)
     _masked_linear_forward_kernel[grid](
         a,
         b_kn,
@@ -440,8 +422,10 @@ def _launch_gemm(
         HAS_BIAS=bias is not None,
         HAS_MIN=m_red is not None,
         SCALE_MIN=scale_red,
+        MIN_GROUP=red_group,
         HAS_MOUT=m_col is not None,
         SCALE_MOUT=scale_col,
+        MOUT_GROUP=col_group,
         ACCUMULATE=accumulate,
         BLOCK_M=BM,
         BLOCK_N=BN,
@@ -449,7 +433,7 @@ def _launch_gemm(
         GROUP_M=8,
         num_warps=num_warps,
         num_stages=num_stages,
-        **_dot_flags(a.dtype),
+        **dot_flags(a.dtype),
     )
     return out
 
@@ -477,7 +461,8 @@ def masked_linear_forward(
         x: ``[M, K]`` (2-D; the autograd Function flattens leading dimensions).
         weight: ``[N, K]``, same dtype as x.
         bias: optional ``[N]``.
-        m_in: optional ``[K]`` input-feature mask; all-zero K-blocks are skipped.
+        m_in: optional input-feature mask, ``[K]`` or one entry per group of ``K // n``
+            consecutive features (``[n]``: a head mask on o_proj); all-zero K-blocks are skipped.
         m_out: optional ``[N]`` output-feature mask; all-zero N-blocks are written as zeros.
         scale_in: False uses m_in only as the support indicator ``m_in != 0``.
         scale_out: False uses m_out only as the support indicator ``m_out != 0``.
@@ -494,8 +479,8 @@ def masked_linear_forward(
         raise ValueError(
             f"weight {tuple(weight.shape)} {weight.dtype} does not fit x {tuple(x.shape)} {x.dtype}"
         )
-    _check_mask(m_in, K, "m_in")
-    _check_mask(m_out, N, "m_out")
+    _mask_group(m_in, K, "m_in", grouped=True)
+    _mask_group(m_out, N, "m_out")
     if out is None:
         out = torch.empty(M, N, device=x.device, dtype=x.dtype)
     return _launch_gemm(x, weight.t(), out, bias, m_in, m_out, scale_in, scale_out, False, block_sizes)
@@ -532,6 +517,8 @@ def masked_linear_backward_input(
     check_launchable(dy, weight, m_in, m_out)
     M, N = dy.shape
     K = weight.shape[1]
+    _mask_group(m_in, K, "m_in", grouped=True)
+    _mask_group(m_out, N, "m_out")
     if out is None:
         if accumulate:
             raise ValueError("accumulate=True needs out")
@@ -578,6 +565,8 @@ def masked_linear_backward_weight(
     check_launchable(dy, x, weight, bias, m_in, m_out)
     M, N = dy.shape
     K = x.shape[1]
+    min_group = _mask_group(m_in, K, "m_in", grouped=True)
+    _mask_group(m_out, N, "m_out")
     need_db = bias is not None if need_db is None else need_db
     need_dm_in = (m_in is not None and scale_in) if need_dm_in is None else need_dm_in
     need_dm_out = (m_out is not None and scale_out) if need_dm_out is None else need_dm_out
@@ -590,7 +579,7 @@ def masked_linear_backward_weight(
     if not (run_dot or need_colsum):
         return None, None, None, None
 
-    BN, BK, BM, num_warps, num_stages = _gemm_blocks(N, K, M, dy.dtype, block_sizes)
+    BN, BK, BM, num_warps, num_stages = gemm_config(N, K, M, dy.dtype, block_sizes)
     num_pid_n, num_pid_k = triton.cdiv(N, BN), triton.cdiv(K, BK)
     dev = dy.device
     acc_dtype = torch.float64 if dy.dtype == torch.float64 else torch.float32
@@ -631,6 +620,7 @@ def masked_linear_backward_weight(
                 dw.stride(1) if dw is not None else 0,
                 HAS_MIN=m_in is not None,
                 SCALE_MIN=scale_in,
+                MIN_GROUP=min_group,
                 HAS_MOUT=m_out is not None,
                 SCALE_MOUT=scale_out,
                 RUN_DOT=run_dot,
@@ -644,7 +634,7 @@ def masked_linear_backward_weight(
                 GROUP_N=8,
                 num_warps=num_warps,
                 num_stages=num_stages,
-                **_dot_flags(dy.dtype),
+                **dot_flags(dy.dtype),
             )
 
     db = dm_in = dm_out = None
@@ -655,7 +645,9 @@ def masked_linear_backward_weight(
         db = db.to(bias.dtype if bias is not None else dy.dtype)
     if need_dm_in:
         # Convention: the gradient of a mask entry that is exactly 0 is 0.
-        dm_in = torch.where(m_in != 0, dmin_part.sum(0), 0.0).to(m_in.dtype)
+        # a grouped mask (one entry per head) gets the sum over its group's columns
+        g = dmin_part.sum(0).view(m_in.numel(), min_group).sum(1)
+        dm_in = torch.where(m_in != 0, g, 0.0).to(m_in.dtype)
     if need_dm_out:
         g = dmout_part.sum(0)
         if bias is not None:

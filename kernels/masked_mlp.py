@@ -48,16 +48,14 @@ import triton
 import triton.language as tl
 from torch import nn
 
+from shear.kernels.heuristics import elementwise_2d_config, gemm_config
 from shear.kernels.masked_linear import (
-    _dot_flags,
-    _gemm_blocks,
     _grouped_pid,
-    _pow2_block,
     masked_linear_backward_input,
     masked_linear_backward_weight,
     masked_linear_forward,
 )
-from shear.kernels.utils import check_launchable, ensure_contiguous, interpreter_active
+from shear.kernels.utils import check_launchable, dot_flags, ensure_contiguous
 
 __all__ = [
     "MaskedSwiGLUMLPFunction",
@@ -258,10 +256,8 @@ def masked_swiglu_mlp_forward(
     a = torch.empty_like(h) if store_ab else None
     b = torch.empty_like(h) if store_ab else None
     if M > 0 and inter > 0:
-        BM, BI, BD, num_warps, num_stages = _gemm_blocks(M, inter, D, x.dtype, block_sizes)
-        if block_sizes is None and not interpreter_active():
-            # Two accumulators per program: halve the tile to keep them in registers.
-            BI = min(BI, 64)
+        # two accumulators per program (gate and up)
+        BM, BI, BD, num_warps, num_stages = gemm_config(M, inter, D, x.dtype, block_sizes, accumulators=2)
         _masked_mlp_forward_kernel[(triton.cdiv(M, BM) * triton.cdiv(inter, BI),)](
             x,
             gate_weight,
@@ -293,7 +289,7 @@ def masked_swiglu_mlp_forward(
             GROUP_M=8,
             num_warps=num_warps,
             num_stages=num_stages,
-            **_dot_flags(x.dtype),
+            **dot_flags(x.dtype),
         )
     down_blocks = None if block_sizes is None else (block_sizes[0], block_sizes[2], block_sizes[1])
     out = masked_linear_forward(
@@ -314,12 +310,7 @@ def _swiglu_backward(
     da = torch.empty_like(dh)
     g = torch.empty_like(dh)
     if M > 0 and inter > 0:
-        if block_sizes is not None:
-            BM, BI = block_sizes
-        elif interpreter_active():
-            BM, BI = _pow2_block(M, 32), _pow2_block(inter, 32)
-        else:
-            BM, BI = _pow2_block(M, 32), _pow2_block(inter, 128)
+        BM, BI, num_warps = elementwise_2d_config(M, inter, block_sizes)
         _masked_mlp_backward_kernel[(triton.cdiv(M, BM), triton.cdiv(inter, BI))](
             dh,
             a,
@@ -333,7 +324,7 @@ def _swiglu_backward(
             ACC_DTYPE=tl.float64 if dh.dtype == torch.float64 else tl.float32,
             BLOCK_M=BM,
             BLOCK_I=BI,
-            num_warps=4,
+            num_warps=num_warps,
         )
     return dh, da, g
 

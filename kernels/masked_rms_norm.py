@@ -33,10 +33,8 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from shear.kernels.utils import check_launchable, ensure_contiguous, next_power_of_2
-
-#: Largest hidden size one program holds in registers (the block covers the whole row).
-MAX_FUSED_SIZE = 65536
+from shear.kernels.heuristics import num_programs, row_config
+from shear.kernels.utils import check_launchable, ensure_contiguous
 
 #: When True, launchers allocate their outputs and partial buffers filled with NaN instead of
 #: ``torch.empty`` (tests set it so that any element a kernel fails to write shows up).
@@ -47,22 +45,6 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     if POISON_OUTPUTS:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _num_warps(block: int) -> int:
-    # Liger-Kernel's calculate_settings: more warps for wider rows.
-    if block >= 32768:
-        return 32
-    if block >= 8192:
-        return 16
-    if block >= 2048:
-        return 8
-    return 4
-
-
-# --------------------------------------------------------------------------------------
-# kernels
-# --------------------------------------------------------------------------------------
 
 
 @triton.jit
@@ -138,13 +120,6 @@ def _masked_rms_norm_backward_kernel(
 # --------------------------------------------------------------------------------------
 
 
-def _block(n_cols: int) -> int:
-    block = next_power_of_2(n_cols)
-    if block > MAX_FUSED_SIZE:
-        raise ValueError(f"hidden size {n_cols} exceeds the fused RMSNorm limit {MAX_FUSED_SIZE}")
-    return block
-
-
 def masked_rms_norm_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -167,7 +142,7 @@ def masked_rms_norm_forward(
         ``(y, rstd)``.
     """
     n_rows, n_cols = x.shape
-    block = _block(n_cols)
+    block, num_warps = row_config(n_cols)
     if y is None:
         y = _empty((n_rows, n_cols), torch.promote_types(x.dtype, weight.dtype), x.device)
     if rstd is None:
@@ -176,18 +151,9 @@ def masked_rms_norm_forward(
     if n_rows > 0:
         _masked_rms_norm_forward_kernel[(n_rows,)](
             x, weight, z if z is not None else weight, y, rstd, n_cols, float(eps),
-            HAS_Z=z is not None, BLOCK=block, num_warps=_num_warps(block),
+            HAS_Z=z is not None, BLOCK=block, num_warps=num_warps,
         )  # fmt: skip
     return y, rstd
-
-
-def _num_programs(n_rows: int, device: torch.device) -> int:
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        # Interpreter: each program instance costs ~1 ms of overhead; a few are enough.
-        sms = 4
-    return max(1, min(n_rows, sms))
 
 
 def masked_rms_norm_backward(
@@ -212,10 +178,10 @@ def masked_rms_norm_backward(
         ``(dx, dweight, dz)``; dz is None when z is None.
     """
     n_rows, n_cols = x.shape
-    block = _block(n_cols)
+    block, num_warps = row_config(n_cols)
     if dx is None:
         dx = _empty((n_rows, n_cols), x.dtype, x.device)
-    programs = _num_programs(n_rows, x.device)
+    programs = num_programs(n_rows, x.device)
     rows_per_program = triton.cdiv(n_rows, programs)
     dw_part = _empty((programs, n_cols), torch.float32, x.device)
     dz_part = _empty((programs, n_cols), torch.float32, x.device) if z is not None else None
@@ -224,7 +190,7 @@ def masked_rms_norm_backward(
         _masked_rms_norm_backward_kernel[(programs,)](
             dy, x, weight, z if z is not None else weight, rstd, dx, dw_part,
             dz_part if dz_part is not None else dw_part, n_rows, n_cols, rows_per_program,
-            HAS_Z=z is not None, BLOCK=block, num_warps=_num_warps(block),
+            HAS_Z=z is not None, BLOCK=block, num_warps=num_warps,
         )  # fmt: skip
         dweight = dw_part.sum(0).to(weight.dtype)
         dz = dz_part.sum(0).to(z.dtype) if z is not None else None

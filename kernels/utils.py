@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import triton
+import triton.language as tl
 
 #: dtypes the kernels accept.
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -33,26 +33,40 @@ def interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def upcast_dots() -> bool:
-    """Whether kernels must upcast bf16 operands to fp32 before ``tl.dot``.
+def dot_flags(dtype: torch.dtype) -> dict[str, Any]:
+    """The constexprs every kernel with a ``tl.dot`` takes for its operand dtype.
 
-    The interpreter returns garbage for bf16 ``tl.dot`` (triton issue 11584); on a GPU the
-    native bf16 tensor-core path is used. Pass the result as a ``tl.constexpr``.
+    * ``UPCAST``: upcast bf16 operands to fp32 before ``tl.dot``; only in the interpreter,
+      which returns garbage for bf16 dots (triton issue 11584). On a GPU the native bf16
+      tensor-core path runs.
+    * ``INPUT_PRECISION``: for fp32 operands, TF32 exactly when torch allows it for matmuls
+      (``torch.backends.cuda.matmul.allow_tf32``, off by default), so that results match
+      torch's on the same GPU; None (the default) for 16-bit operands.
+    * ``ACC_DTYPE``: float32 accumulators (float64 for float64 inputs, the tests' reference).
     """
-    return interpreter_active()
+    if dtype == torch.float32:
+        precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    else:
+        precision = None
+    return dict(
+        UPCAST=bool(interpreter_active() and dtype == torch.bfloat16),
+        INPUT_PRECISION=precision,
+        ACC_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
+    )
 
 
 def check_launchable(*tensors: torch.Tensor | None) -> None:
     """Raise a clear error unless the tensors can run through the Triton kernels.
 
-    CUDA tensors always can; CPU tensors only under the interpreter.
+    CUDA tensors always can; CPU tensors only under the interpreter; ``meta`` tensors (shapes
+    only) pass so that :mod:`shear.kernels.aot` can capture the launches without running them.
     """
     for t in tensors:
         if t is None:
             continue
         if t.dtype not in SUPPORTED_DTYPES and t.dtype != torch.float64:
             raise TypeError(f"shear.kernels: unsupported dtype {t.dtype}; use float32, float16 or bfloat16")
-        if not t.is_cuda and not interpreter_active():
+        if not (t.is_cuda or t.is_meta) and not interpreter_active():
             raise RuntimeError(
                 "shear.kernels run on CUDA tensors; for CPU tensors set TRITON_INTERPRET=1 before "
                 "importing shear.kernels (tests), or use the reference ops in shear.ops"
@@ -69,8 +83,3 @@ def ensure_contiguous(fn: Callable) -> Callable:
         return fn(ctx, *args, **kwargs)
 
     return wrapper
-
-
-def next_power_of_2(n: int) -> int:
-    """Smallest power of two >= n (Triton block sizes must be powers of two)."""
-    return triton.next_power_of_2(max(int(n), 1))

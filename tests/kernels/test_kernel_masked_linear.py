@@ -114,6 +114,48 @@ def test_each_optional_input_absent(bias, m_in, m_out):
     _compare_all(args, dy, torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,head_dim", [(5, 12), (3, 32)])
+def test_per_head_input_mask_matches_float64(heads, head_dim, dtype):
+    """o_proj's head mask: one m_in entry per head of head_dim columns; dm_in comes out per head."""
+    g = torch.Generator().manual_seed(heads * 100 + head_dim)
+    args, dy = _inputs((33,), heads * head_dim, 47, g, dtype)
+    m = torch.rand(heads, generator=g) * 0.95 + 0.05
+    m[1] = 0.0
+    args[3] = m
+    _compare_all(args, dy, dtype)
+
+
+def test_per_head_input_mask_skips_dead_heads():
+    """Heads whose mask is 0 cover whole K-blocks here: NaN poison in them is never loaded."""
+    g = torch.Generator().manual_seed(29)
+    heads, head_dim, M, N, blk = 4, 16, 20, 40, (16, 16, 16)
+    args, dy = _inputs((M,), heads * head_dim, N, g, torch.float32)
+    x, w, b, _, m_out = args
+    m_in = torch.tensor([0.7, 0.0, 0.0, 0.4])
+    y_ref, g_ref = _reference([x, w, b, m_in, m_out], dy)
+    xp, wp = x.clone(), w.clone()
+    xp[:, 16:48] = float("nan")
+    wp[:, 16:48] = float("nan")
+    dev = [t.to(DEVICE) for t in (xp, wp, b, m_in, m_out, dy)]
+    y = masked_linear_forward(*dev[:5], block_sizes=blk)
+    dx, dw, db, dmi, dmo = masked_linear_backward(dev[5], *dev[:5], block_sizes=blk)
+    _check(y, y_ref, torch.float32, "y")
+    for name, got, ref in zip(("dx", "dW", "db"), (dx, dw, db), g_ref[:3], strict=True):
+        _check(got, ref, torch.float32, name)
+    _check(dmo, torch.where(m_out == 0, 0.0, g_ref[4]), torch.float32, "dm_out")
+    assert dmi.shape == (heads,)
+    _check(dmi, torch.where(m_in == 0, 0.0, g_ref[3]), torch.float32, "dm_in")
+
+
+def test_input_mask_must_divide_the_features():
+    x, w = torch.randn(3, 10), torch.randn(4, 10)
+    with pytest.raises(ValueError, match="m_in"):
+        masked_linear_forward(x.to(DEVICE), w.to(DEVICE), m_in=torch.ones(3, device=DEVICE))
+    with pytest.raises(ValueError, match="m_in"):
+        masked_linear(x, w, m_in=torch.ones(3))
+
+
 def test_fully_zero_output_mask_gives_exact_zeros():
     g = torch.Generator().manual_seed(11)
     args, dy = _inputs((9,), 40, 50, g, torch.float32)
