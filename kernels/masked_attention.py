@@ -1,11 +1,13 @@
 """Causal grouped-query flash attention that skips heads whose mask is exactly 0.
 
-Reference: :func:`shear.ops.causal_attention`. Flash-attention 2 layout of the work:
+Reference: :func:`shear.ops.causal_attention`. Flash-attention 2 layout of the work, written
+as Triton's tutorial 06 (fused attention) writes it: each kernel's loop over blocks is one
+``@triton.jit`` function with a ``MASK`` constexpr, called once for the blocks off the
+diagonal (no mask) and once for the diagonal blocks (the causal mask).
 
 * forward: one program per (query block, batch x query head); online softmax in exp2 with
   float32 accumulators (float64 for float64 inputs). Key blocks wholly above the diagonal are
-  never visited; key blocks left of the diagonal run unmasked, the diagonal blocks with the
-  causal mask. The log-sum-exp (base 2) of every row is saved for the backward pass. Query
+  never visited. The log-sum-exp (base 2) of every row is saved for the backward pass. Query
   head ``h`` reads KV head ``h // (H // G)`` in place: ``repeat_kv`` is never materialised.
 * backward: ``delta = rowsum(dO * O)`` in a preprocess kernel; then one program per
   (key block, batch x KV head) accumulates dK and dV over the ``H // G`` query heads of its
@@ -21,9 +23,10 @@ the reference; the head mask itself gets no gradient from this op (it is only a 
 indicator here; its gradient flows through o_proj's masked linear, and a mask entry that is
 exactly 0 has a zero-derivative clamp behind it anyway).
 
-Block sizes are ``tl.constexpr`` chosen by :func:`attention_block_sizes` (a small heuristic,
-no autotune): 16 under the interpreter, flash-attention sizes on a GPU; head_dim up to 256
-(tuned for <= 128).
+Block sizes, warps and stages come from :func:`shear.kernels.heuristics.attention_config`:
+16 under the interpreter, flash-attention sizes on a GPU; head_dim up to 256 (tuned for
+<= 128). The kernels read one memory layout, the one Hugging Face's projections produce
+(see the kernels' section below), so no strides travel as arguments.
 """
 
 from __future__ import annotations
@@ -34,9 +37,98 @@ import torch
 import triton
 import triton.language as tl
 
-from shear.kernels.utils import check_launchable, interpreter_active, upcast_dots
+from shear.kernels.heuristics import attention_config
+from shear.kernels.utils import check_launchable, dot_flags
 
 _LOG2E = 1.4426950408889634
+#: Largest head dimension the kernels take (block sizes are tuned for <= 128).
+MAX_HEAD_DIM = 256
+
+
+# --------------------------------------------------------------------------------------
+# kernels
+#
+# Memory layout (the one Hugging Face's projections produce): queries, outputs and their
+# gradients live in dense [B, S, H, D] memory, keys, values and theirs in dense [B, S, G, D];
+# the launchers hand the kernels nothing else (a tensor in another layout is copied first).
+# So no strides travel: row s of head h of batch b lies at ((b * S + s) * heads + h) * D.
+# Each program takes a 64-bit pointer to row 0 of its head (_head) and 32-bit offsets within
+# it (the launchers check S * heads * D < 2^31): 64-bit offset tiles cost registers.
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _head(ptr, b, head, S, heads, HEAD_DIM: tl.constexpr):
+    """Row 0 of ``head`` of batch ``b`` in dense [B, S, heads, D] memory (rows heads * D apart)."""
+    return ptr + (b.to(tl.int64) * S * heads + head) * HEAD_DIM
+
+
+@triton.jit
+def _operand(x, UPCAST: tl.constexpr):
+    """A tl.dot operand: bf16 upcast to fp32 under the interpreter (utils.dot_flags)."""
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _attention_forward_inner(
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_base,
+    v_base,
+    kv_stride,
+    lo,
+    hi,
+    offs_m,
+    S,
+    qk_scale,
+    MASK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    """Online softmax of one query block over the key blocks [lo, hi) (Triton tutorial 06).
+
+    MASK: the diagonal blocks, under the causal mask (which also hides keys >= S); every row
+    sees at least key ``lo`` there, so no row is all -inf. Without MASK (left of the
+    diagonal) every row sees every key.
+    """
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < S
+        kt = tl.load(
+            k_base + cols[None, :] * kv_stride + offs_d[:, None],
+            mask=col_ok[None, :] & d_ok[:, None],
+            other=0.0,
+        )
+        v = tl.load(
+            v_base + cols[:, None] * kv_stride + offs_d[None, :],
+            mask=col_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        kt = _operand(kt, UPCAST)
+        v = _operand(v, UPCAST)
+        qk = tl.dot(q, kt, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE) * qk_scale
+        if MASK:
+            qk = tl.where((offs_m[:, None] >= cols[None, :]) & col_ok[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.exp2(qk - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(
+            p.to(v.dtype), v, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE
+        )
+        m_i = m_new
+    return acc, l_i, m_i
 
 
 @triton.jit
@@ -47,49 +139,32 @@ def _attention_forward_kernel(
     o_ptr,
     lse_ptr,
     hm_ptr,
-    sqb,
-    sqh,
-    sqs,
-    sqd,
-    skb,
-    skh,
-    sks,
-    skd,
-    svb,
-    svh,
-    svs,
-    svd,
-    sob,
-    sos,
-    soh,
-    sod,
     S,
     H,
-    N_REP,
+    G,
     qk_scale,
     HAS_MASK: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    ACC: tl.constexpr,
     UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
 ):
-    start_m = tl.program_id(0).to(tl.int64)
-    bh = tl.program_id(1).to(tl.int64)
+    """Output and base-2 log-sum-exp of one query block of one query head."""
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    g = h // N_REP
+    g = h // (H // G)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-
-    # Causal: keys [0, lo) lie left of the diagonal (no mask), [lo, hi) are the diagonal blocks.
+    row_ok = offs_m < S
+    # Causal: keys [0, lo) lie left of the diagonal, [lo, hi) are the diagonal blocks.
     lo = start_m * BLOCK_M
     hi = tl.minimum(lo + BLOCK_M, S)
-    row_ok = offs_m < S
+    load_rows = row_ok
     if HAS_MASK:
         keep = tl.load(hm_ptr + h) != 0
         # A skipped head visits no key block and loads nothing; its output is written as 0.
@@ -97,78 +172,31 @@ def _attention_forward_kernel(
         hi = tl.where(keep, hi, 0)
         # A row limit of 0, rather than `& keep`: the interpreter cannot AND a block with a scalar.
         load_rows = offs_m < tl.where(keep, S, 0)
-    else:
-        load_rows = row_ok
+    q_offs = offs_m[:, None] * (H * HEAD_DIM) + offs_d[None, :]
+    q_mask = load_rows[:, None] & (offs_d < HEAD_DIM)[None, :]
+    q = _operand(tl.load(_head(q_ptr, b, h, S, H, HEAD_DIM) + q_offs, mask=q_mask, other=0.0), UPCAST)
 
-    q = tl.load(
-        q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :] * sqd,
-        mask=load_rows[:, None] & d_ok[None, :],
-        other=0.0,
-    )
-    if UPCAST:
-        q = q.to(tl.float32)
-    k_base = k_ptr + b * skb + g * skh
-    v_base = v_ptr + b * svb + g * svh
-
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
-    l_i = tl.zeros([BLOCK_M], dtype=ACC)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
-
-    # Left of the diagonal: every key is valid and visible to every row of the block.
-    for start_n in range(0, lo, BLOCK_N):
-        cols = start_n + offs_n
-        kt = tl.load(k_base + cols[None, :] * sks + offs_d[:, None] * skd, mask=d_ok[:, None], other=0.0)
-        v = tl.load(v_base + cols[:, None] * svs + offs_d[None, :] * svd, mask=d_ok[None, :], other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            v = v.to(tl.float32)
-        qk = tl.dot(q, kt, input_precision=PRECISION, out_dtype=ACC) * qk_scale
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.exp2(qk - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION, out_dtype=ACC)
-        m_i = m_new
-
-    # Diagonal blocks: causal mask (which also hides keys >= S). Every row sees at least key
-    # `lo` in the first of them, so no row is all -inf there.
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols < S
-        kt = tl.load(
-            k_base + cols[None, :] * sks + offs_d[:, None] * skd,
-            mask=col_ok[None, :] & d_ok[:, None],
-            other=0.0,
-        )
-        v = tl.load(
-            v_base + cols[:, None] * svs + offs_d[None, :] * svd,
-            mask=col_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            v = v.to(tl.float32)
-        qk = tl.dot(q, kt, input_precision=PRECISION, out_dtype=ACC) * qk_scale
-        visible = (offs_m[:, None] >= cols[None, :]) & col_ok[None, :]
-        qk = tl.where(visible, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.exp2(qk - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION, out_dtype=ACC)
-        m_i = m_new
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)
+    l_i = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
+    kv = (_head(k_ptr, b, g, S, G, HEAD_DIM), _head(v_ptr, b, g, S, G, HEAD_DIM), G * HEAD_DIM)
+    acc, l_i, m_i = _attention_forward_inner(
+        acc, l_i, m_i, q, *kv, 0, lo, offs_m, S, qk_scale, False,
+        HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, INPUT_PRECISION, ACC_DTYPE,
+    )  # fmt: skip
+    acc, l_i, m_i = _attention_forward_inner(
+        acc, l_i, m_i, q, *kv, lo, hi, offs_m, S, qk_scale, True,
+        HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, INPUT_PRECISION, ACC_DTYPE,
+    )  # fmt: skip
 
     # l_i == 0 only for a skipped head: acc is 0 there and so is the output.
     empty = l_i == 0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
-    tl.store(
-        o_ptr + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :] * sod,
-        out.to(o_ptr.dtype.element_ty),
-        mask=row_ok[:, None] & d_ok[None, :],
-    )
+    o_mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    tl.store(_head(o_ptr, b, h, S, H, HEAD_DIM) + q_offs, out.to(o_ptr.dtype.element_ty), mask=o_mask)
     lse = tl.where(empty, 0.0, m_i + tl.log2(l_safe))
-    tl.store(lse_ptr + bh * S + offs_m, lse, mask=row_ok)
+    tl.store(lse_ptr + bh.to(tl.int64) * S + offs_m, lse, mask=row_ok)
 
 
 @triton.jit
@@ -177,25 +205,17 @@ def _attention_backward_preprocess_kernel(
     do_ptr,
     delta_ptr,
     hm_ptr,
-    sob,
-    sos,
-    soh,
-    sod,
-    sdob,
-    sdos,
-    sdoh,
-    sdod,
     S,
     H,
     HAS_MASK: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    ACC: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
 ):
     """delta[b, h, i] = sum_d dO * O (zero for a skipped head, which the backward never reads)."""
-    start_m = tl.program_id(0).to(tl.int64)
-    bh = tl.program_id(1).to(tl.int64)
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -204,15 +224,75 @@ def _attention_backward_preprocess_kernel(
     load_rows = row_ok
     if HAS_MASK:
         load_rows = offs_m < tl.where(tl.load(hm_ptr + h) != 0, S, 0)
-    mask = load_rows[:, None] & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(
-        o_ptr + b * sob + h * soh + offs_m[:, None] * sos + offs_d[None, :] * sod, mask=mask, other=0.0
-    )
-    do = tl.load(
-        do_ptr + b * sdob + h * sdoh + offs_m[:, None] * sdos + offs_d[None, :] * sdod, mask=mask, other=0.0
-    )
-    delta = tl.sum(o.to(ACC) * do.to(ACC), axis=1)
-    tl.store(delta_ptr + bh * S + offs_m, delta, mask=row_ok)
+    offs = offs_m[:, None] * (H * HEAD_DIM) + offs_d[None, :]
+    mask = load_rows[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(_head(o_ptr, b, h, S, H, HEAD_DIM) + offs, mask=mask, other=0.0)
+    do = tl.load(_head(do_ptr, b, h, S, H, HEAD_DIM) + offs, mask=mask, other=0.0)
+    delta = tl.sum(o.to(ACC_DTYPE) * do.to(ACC_DTYPE), axis=1)
+    tl.store(delta_ptr + bh.to(tl.int64) * S + offs_m, delta, mask=row_ok)
+
+
+@triton.jit
+def _attention_dkdv_inner(
+    dk,
+    dv,
+    k,
+    v,
+    q_base,
+    do_base,
+    lse_ptr,
+    delta_ptr,
+    q_stride,
+    lo,
+    hi,
+    offs_n,
+    S,
+    qk_scale,
+    MASK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    """dK, dV of one key block from the query blocks [lo, hi) of one query head.
+
+    ``lse_ptr`` / ``delta_ptr`` point at that head's rows. MASK: the diagonal query blocks,
+    under the causal mask (which also hides rows >= S). Without MASK (below the diagonal)
+    every row sees every key of the block; rows >= S of the last block load q = dO = 0 and
+    lse = delta = 0, so they add exactly 0.
+    """
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m
+        row_ok = rows < S
+        qt = tl.load(
+            q_base + rows[None, :] * q_stride + offs_d[:, None],
+            mask=row_ok[None, :] & d_ok[:, None],
+            other=0.0,
+        )
+        do = tl.load(
+            do_base + rows[:, None] * q_stride + offs_d[None, :],
+            mask=row_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        qt = _operand(qt, UPCAST)
+        do = _operand(do, UPCAST)
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
+        pt = tl.exp2(
+            tl.dot(k, qt, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE) * qk_scale - lse[None, :]
+        )
+        if MASK:
+            pt = tl.where((rows[None, :] >= offs_n[:, None]) & row_ok[None, :], pt, 0.0)
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        dpt = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    return dk, dv
 
 
 @triton.jit
@@ -226,26 +306,9 @@ def _attention_backward_dkdv_kernel(
     dk_ptr,
     dv_ptr,
     hm_ptr,
-    sqb,
-    sqh,
-    sqs,
-    sqd,
-    skb,
-    skh,
-    sks,
-    skd,
-    svb,
-    svh,
-    svs,
-    svd,
-    sdob,
-    sdos,
-    sdoh,
-    sdod,
     S,
     H,
     G,
-    N_REP,
     qk_scale,
     sm_scale,
     HAS_MASK: tl.constexpr,
@@ -253,108 +316,110 @@ def _attention_backward_dkdv_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    ACC: tl.constexpr,
     UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
 ):
     """dK, dV of one key block of one KV head, summed over the query heads of its group."""
-    start_n = tl.program_id(0).to(tl.int64)
-    bg = tl.program_id(1).to(tl.int64)
+    start_n = tl.program_id(0)
+    bg = tl.program_id(1)
     b = bg // G
     g = bg % G
+    n_rep = H // G
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    col_ok = offs_n < S
-    kv_mask = col_ok[:, None] & d_ok[None, :]
-    k = tl.load(
-        k_ptr + b * skb + g * skh + offs_n[:, None] * sks + offs_d[None, :] * skd, mask=kv_mask, other=0.0
-    )
-    v = tl.load(
-        v_ptr + b * svb + g * svh + offs_n[:, None] * svs + offs_d[None, :] * svd, mask=kv_mask, other=0.0
-    )
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
+    kv_offs = offs_n[:, None] * (G * HEAD_DIM) + offs_d[None, :]
+    kv_mask = (offs_n < S)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    k = _operand(tl.load(_head(k_ptr, b, g, S, G, HEAD_DIM) + kv_offs, mask=kv_mask, other=0.0), UPCAST)
+    v = _operand(tl.load(_head(v_ptr, b, g, S, G, HEAD_DIM) + kv_offs, mask=kv_mask, other=0.0), UPCAST)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
 
     lo = start_n * BLOCK_N
     diag_hi = tl.minimum(lo + BLOCK_N, S)
-    for r in range(0, N_REP):
-        h = g * N_REP + r
-        d_lo = lo
+    for r in range(0, n_rep):
+        h = g * n_rep + r
         d_hi = diag_hi
         hi = S
         if HAS_MASK:
             keep = tl.load(hm_ptr + h) != 0
             # A skipped query head contributes nothing: empty query ranges, no loads.
-            d_hi = tl.where(keep, d_hi, d_lo)
-            hi = tl.where(keep, hi, d_lo)
-        q_base = q_ptr + b * sqb + h * sqh
-        do_base = do_ptr + b * sdob + h * sdoh
-        row_base = (b * H + h) * S
+            d_hi = tl.where(keep, d_hi, lo)
+            hi = tl.where(keep, hi, lo)
+        rows = (b * H + h).to(tl.int64) * S
+        head = (
+            _head(q_ptr, b, h, S, H, HEAD_DIM),
+            _head(do_ptr, b, h, S, H, HEAD_DIM),
+            lse_ptr + rows,
+            delta_ptr + rows,
+            H * HEAD_DIM,
+        )
+        dk, dv = _attention_dkdv_inner(
+            dk, dv, k, v, *head, lo, d_hi, offs_n, S, qk_scale, True,
+            HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, INPUT_PRECISION, ACC_DTYPE,
+        )  # fmt: skip
+        dk, dv = _attention_dkdv_inner(
+            dk, dv, k, v, *head, d_hi, hi, offs_n, S, qk_scale, False,
+            HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, INPUT_PRECISION, ACC_DTYPE,
+        )  # fmt: skip
 
-        # Diagonal query blocks: causal mask (rows >= S are masked too).
-        for start_m in range(d_lo, d_hi, BLOCK_M):
-            rows = start_m + offs_m
-            row_ok = rows < S
-            qt = tl.load(
-                q_base + rows[None, :] * sqs + offs_d[:, None] * sqd,
-                mask=row_ok[None, :] & d_ok[:, None],
-                other=0.0,
-            )
-            do = tl.load(
-                do_base + rows[:, None] * sdos + offs_d[None, :] * sdod,
-                mask=row_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            )
-            if UPCAST:
-                qt = qt.to(tl.float32)
-                do = do.to(tl.float32)
-            lse = tl.load(lse_ptr + row_base + rows, mask=row_ok, other=0.0)
-            delta = tl.load(delta_ptr + row_base + rows, mask=row_ok, other=0.0)
-            qkt = tl.dot(k, qt, input_precision=PRECISION, out_dtype=ACC) * qk_scale
-            pt = tl.exp2(qkt - lse[None, :])
-            visible = (rows[None, :] >= offs_n[:, None]) & row_ok[None, :]
-            pt = tl.where(visible, pt, 0.0)
-            dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION, out_dtype=ACC)
-            dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION, out_dtype=ACC)
-            dst = pt * (dpt - delta[None, :])
-            dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PRECISION, out_dtype=ACC)
+    dk_base = _head(dk_ptr, b, g, S, G, HEAD_DIM)
+    tl.store(dk_base + kv_offs, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(_head(dv_ptr, b, g, S, G, HEAD_DIM) + kv_offs, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
-        # Below the diagonal: every row sees every key of the block. Rows >= S (last block)
-        # load q = dO = 0 and lse = delta = 0, so they add exactly 0 without a mask.
-        for start_m in range(d_hi, hi, BLOCK_M):
-            rows = start_m + offs_m
-            row_ok = rows < S
-            qt = tl.load(
-                q_base + rows[None, :] * sqs + offs_d[:, None] * sqd,
-                mask=row_ok[None, :] & d_ok[:, None],
-                other=0.0,
-            )
-            do = tl.load(
-                do_base + rows[:, None] * sdos + offs_d[None, :] * sdod,
-                mask=row_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            )
-            if UPCAST:
-                qt = qt.to(tl.float32)
-                do = do.to(tl.float32)
-            lse = tl.load(lse_ptr + row_base + rows, mask=row_ok, other=0.0)
-            delta = tl.load(delta_ptr + row_base + rows, mask=row_ok, other=0.0)
-            qkt = tl.dot(k, qt, input_precision=PRECISION, out_dtype=ACC) * qk_scale
-            pt = tl.exp2(qkt - lse[None, :])
-            dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION, out_dtype=ACC)
-            dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION, out_dtype=ACC)
-            dst = pt * (dpt - delta[None, :])
-            dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PRECISION, out_dtype=ACC)
 
-    # dk / dv are contiguous [B, G, S, D].
-    out_off = (bg * S + offs_n[:, None]) * HEAD_DIM + offs_d[None, :]
-    tl.store(dk_ptr + out_off, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_ptr + out_off, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+@triton.jit
+def _attention_dq_inner(
+    dq,
+    q,
+    do,
+    lse,
+    delta,
+    k_base,
+    v_base,
+    kv_stride,
+    lo,
+    hi,
+    offs_m,
+    S,
+    qk_scale,
+    MASK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    """dQ of one query block from the key blocks [lo, hi); MASK as in the forward's inner loop."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < S
+        k = tl.load(
+            k_base + cols[:, None] * kv_stride + offs_d[None, :],
+            mask=col_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        vt = tl.load(
+            v_base + cols[None, :] * kv_stride + offs_d[:, None],
+            mask=col_ok[None, :] & d_ok[:, None],
+            other=0.0,
+        )
+        k = _operand(k, UPCAST)
+        vt = _operand(vt, UPCAST)
+        p = tl.exp2(
+            tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE) * qk_scale
+            - lse[:, None]
+        )
+        if MASK:
+            p = tl.where((offs_m[:, None] >= cols[None, :]) & col_ok[None, :], p, 0.0)
+        dp = tl.dot(do, vt, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    return dq
 
 
 @triton.jit
@@ -367,25 +432,9 @@ def _attention_backward_dq_kernel(
     delta_ptr,
     dq_ptr,
     hm_ptr,
-    sqb,
-    sqh,
-    sqs,
-    sqd,
-    skb,
-    skh,
-    sks,
-    skd,
-    svb,
-    svh,
-    svs,
-    svd,
-    sdob,
-    sdos,
-    sdoh,
-    sdod,
     S,
     H,
-    N_REP,
+    G,
     qk_scale,
     sm_scale,
     HAS_MASK: tl.constexpr,
@@ -393,20 +442,18 @@ def _attention_backward_dq_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    ACC: tl.constexpr,
     UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
 ):
     """dQ of one query block of one query head (zeros for a skipped head)."""
-    start_m = tl.program_id(0).to(tl.int64)
-    bh = tl.program_id(1).to(tl.int64)
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    g = h // N_REP
+    g = h // (H // G)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
     row_ok = offs_m < S
     lo = start_m * BLOCK_M
     hi = tl.minimum(lo + BLOCK_M, S)
@@ -416,114 +463,34 @@ def _attention_backward_dq_kernel(
         lo = tl.where(keep, lo, 0)
         hi = tl.where(keep, hi, 0)
         load_rows = offs_m < tl.where(keep, S, 0)
-    row_mask = load_rows[:, None] & d_ok[None, :]
-    q = tl.load(
-        q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqs + offs_d[None, :] * sqd, mask=row_mask, other=0.0
-    )
-    do = tl.load(
-        do_ptr + b * sdob + h * sdoh + offs_m[:, None] * sdos + offs_d[None, :] * sdod,
-        mask=row_mask,
-        other=0.0,
-    )
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
-    lse = tl.load(lse_ptr + bh * S + offs_m, mask=load_rows, other=0.0)
-    delta = tl.load(delta_ptr + bh * S + offs_m, mask=load_rows, other=0.0)
-    k_base = k_ptr + b * skb + g * skh
-    v_base = v_ptr + b * svb + g * svh
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
-
-    for start_n in range(0, lo, BLOCK_N):
-        cols = start_n + offs_n
-        k = tl.load(k_base + cols[:, None] * sks + offs_d[None, :] * skd, mask=d_ok[None, :], other=0.0)
-        vt = tl.load(v_base + cols[None, :] * svs + offs_d[:, None] * svd, mask=d_ok[:, None], other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            vt = vt.to(tl.float32)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * qk_scale
-        p = tl.exp2(qk - lse[:, None])
-        dp = tl.dot(do, vt, input_precision=PRECISION, out_dtype=ACC)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC)
-
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols < S
-        k = tl.load(
-            k_base + cols[:, None] * sks + offs_d[None, :] * skd,
-            mask=col_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
-        vt = tl.load(
-            v_base + cols[None, :] * svs + offs_d[:, None] * svd,
-            mask=col_ok[None, :] & d_ok[:, None],
-            other=0.0,
-        )
-        if UPCAST:
-            k = k.to(tl.float32)
-            vt = vt.to(tl.float32)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * qk_scale
-        p = tl.exp2(qk - lse[:, None])
-        visible = (offs_m[:, None] >= cols[None, :]) & col_ok[None, :]
-        p = tl.where(visible, p, 0.0)
-        dp = tl.dot(do, vt, input_precision=PRECISION, out_dtype=ACC)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC)
-
-    # dq is contiguous [B, H, S, D].
+    q_offs = offs_m[:, None] * (H * HEAD_DIM) + offs_d[None, :]
+    q_mask = load_rows[:, None] & (offs_d < HEAD_DIM)[None, :]
+    q = _operand(tl.load(_head(q_ptr, b, h, S, H, HEAD_DIM) + q_offs, mask=q_mask, other=0.0), UPCAST)
+    do = _operand(tl.load(_head(do_ptr, b, h, S, H, HEAD_DIM) + q_offs, mask=q_mask, other=0.0), UPCAST)
+    rows = bh.to(tl.int64) * S + offs_m
+    lse = tl.load(lse_ptr + rows, mask=load_rows, other=0.0)
+    delta = tl.load(delta_ptr + rows, mask=load_rows, other=0.0)
+    kv = (_head(k_ptr, b, g, S, G, HEAD_DIM), _head(v_ptr, b, g, S, G, HEAD_DIM), G * HEAD_DIM)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
+    dq = _attention_dq_inner(
+        dq, q, do, lse, delta, *kv, 0, lo, offs_m, S, qk_scale, False,
+        HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, INPUT_PRECISION, ACC_DTYPE,
+    )  # fmt: skip
+    dq = _attention_dq_inner(
+        dq, q, do, lse, delta, *kv, lo, hi, offs_m, S, qk_scale, True,
+        HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, INPUT_PRECISION, ACC_DTYPE,
+    )  # fmt: skip
+    dq_mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
     tl.store(
-        dq_ptr + (bh * S + offs_m[:, None]) * HEAD_DIM + offs_d[None, :],
+        _head(dq_ptr, b, h, S, H, HEAD_DIM) + q_offs,
         (dq * sm_scale).to(dq_ptr.dtype.element_ty),
-        mask=row_ok[:, None] & d_ok[None, :],
+        mask=dq_mask,
     )
 
 
-def attention_block_sizes(head_dim: int, dtype: torch.dtype, seq_len: int) -> dict[str, Any]:
-    """Block sizes and launch options for the attention kernels (a heuristic, no autotune).
-
-    Args:
-        head_dim: D.
-        dtype: input dtype.
-        seq_len: S (blocks never exceed the next power of two >= S, with a floor of 16).
-
-    Returns:
-        ``{"BLOCK_D", "fwd": (BLOCK_M, BLOCK_N), "dkdv": (BLOCK_M, BLOCK_N),
-        "dq": (BLOCK_M, BLOCK_N), "num_warps", "num_stages"}``. Within each pair one size
-        divides the other as the causal split needs (fwd / dq: BLOCK_N | BLOCK_M; dkdv:
-        BLOCK_M | BLOCK_N).
-    """
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    if interpreter_active():
-        # Every program costs ~1 ms in the interpreter, and tl.dot needs dims >= 16.
-        return dict(BLOCK_D=block_d, fwd=(16, 16), dkdv=(16, 16), dq=(16, 16), num_warps=4, num_stages=1)
-    wide = dtype in (torch.float32, torch.float64) or block_d > 128
-    if wide:
-        fwd, dkdv, dq = (64, 32), (32, 64), (64, 32)
-    else:
-        fwd, dkdv, dq = (
-            (128, 64),
-            (32, 128) if block_d <= 64 else (32, 64),
-            (128, 32) if block_d <= 64 else (64, 32),
-        )
-    cap = max(16, triton.next_power_of_2(seq_len))
-    fwd, dkdv, dq = (tuple(min(x, cap) for x in pair) for pair in (fwd, dkdv, dq))
-    return dict(
-        BLOCK_D=block_d,
-        fwd=fwd,
-        dkdv=dkdv,
-        dq=dq,
-        num_warps=4 if block_d <= 64 else 8,
-        num_stages=2 if wide or block_d > 64 else 3,
-    )
-
-
-def _kernel_dtypes(dtype: torch.dtype) -> tuple[tl.dtype, str, bool]:
-    """(accumulator dtype, tl.dot input precision, upcast bf16 operands before tl.dot)."""
-    acc = tl.float64 if dtype == torch.float64 else tl.float32
-    # IEEE for fp32 inputs: TF32 would cost fp32 training ~1e-3 relative error.
-    precision = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
-    return acc, precision, upcast_dots() and dtype == torch.bfloat16
+# --------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_mask: torch.Tensor | None) -> tuple:
@@ -538,13 +505,31 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_mask: 
         )
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"shear_causal_attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
-    if D > 256:
-        raise ValueError(f"shear_causal_attention: head_dim {D} > 256 is not supported")
+    if D > MAX_HEAD_DIM:
+        raise ValueError(f"shear_causal_attention: head_dim {D} > {MAX_HEAD_DIM} is not supported")
+    if S * H * D >= 2**31:
+        raise ValueError(
+            f"shear_causal_attention: S * H * D = {S * H * D} needs 64-bit offsets within a sequence"
+        )
     if head_mask is not None and head_mask.shape != (H,):
         raise ValueError(f"shear_causal_attention: head_mask must be [{H}], got {tuple(head_mask.shape)}")
     if head_mask is not None and head_mask.device != q.device:
         raise ValueError(f"shear_causal_attention: head_mask is on {head_mask.device}, q on {q.device}")
     return B, H, G, S, D
+
+
+def _bshd(t: torch.Tensor) -> torch.Tensor:
+    """``t`` ([B, heads, S, D]) as a view of dense [B, S, heads, D] memory: as is when it already
+    is one (Hugging Face's projections, after RoPE too), else a copy."""
+    B, n, S, D = t.shape
+    want = (S * n * D, D, n * D, 1)
+    if all(size == 1 or st == w for size, st, w in zip(t.shape, t.stride(), want, strict=True)):
+        return t
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _empty_bshd(B: int, n: int, S: int, D: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.empty((B, S, n, D), dtype=like.dtype, device=like.device).transpose(1, 2)
 
 
 def attention_forward(
@@ -553,61 +538,39 @@ def attention_forward(
     v: torch.Tensor,
     scaling: float,
     head_mask: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel.
 
     Args:
-        q: ``[B, H, S, D]``, any strides.
-        k: ``[B, G, S, D]``, any strides.
-        v: ``[B, G, S, D]``, any strides.
+        q: ``[B, H, S, D]``; read in place when it views dense ``[B, S, H, D]`` memory (as
+            Hugging Face's attention hands it over), copied into that layout otherwise.
+        k: ``[B, G, S, D]``, likewise.
+        v: ``[B, G, S, D]``, likewise.
         scaling: factor on ``q k^T``.
         head_mask: optional ``[H]``; heads where it is exactly 0 are skipped (zeros).
-        out: optional preallocated ``[B, S, H, D]`` output (any strides).
 
     Returns:
-        ``(out [B, S, H, D], lse [B, H, S])``; lse is the base-2 log-sum-exp of the scaled
-        scores, in the accumulator dtype (0 for skipped heads).
+        ``(out [B, S, H, D] contiguous, lse [B, H, S])``; lse is the base-2 log-sum-exp of
+        the scaled scores, in the accumulator dtype (0 for skipped heads).
     """
     check_launchable(q, k, v, head_mask)
     B, H, G, S, D = _check_inputs(q, k, v, head_mask)
-    if head_mask is not None:
-        head_mask = head_mask.contiguous()  # indexed as a dense [H] array in the kernels
-    if out is None:
-        out = torch.empty((B, S, H, D), dtype=q.dtype, device=q.device)
-    acc, precision, upcast = _kernel_dtypes(q.dtype)
-    lse = torch.empty((B, H, S), dtype=torch.float64 if acc == tl.float64 else torch.float32, device=q.device)
+    out = torch.empty((B, S, H, D), dtype=q.dtype, device=q.device)
+    flags = dot_flags(q.dtype)
+    lse = torch.empty(
+        (B, H, S), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=q.device
+    )
     if q.numel() == 0:
         return out, lse
-    cfg = attention_block_sizes(D, q.dtype, S)
-    block_m, block_n = cfg["fwd"]
-    grid = (triton.cdiv(S, block_m), B * H)
-    _attention_forward_kernel[grid](
-        q,
-        k,
-        v,
-        out,
-        lse,
-        head_mask if head_mask is not None else q,
-        *q.stride(),
-        *k.stride(),
-        *v.stride(),
-        *out.stride(),
-        S,
-        H,
-        H // G,
-        scaling * _LOG2E,
-        HAS_MASK=head_mask is not None,
-        HEAD_DIM=D,
-        BLOCK_D=cfg["BLOCK_D"],
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        ACC=acc,
-        UPCAST=upcast,
-        PRECISION=precision,
-        num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
-    )
+    cfg = attention_config(D, q.dtype, S)
+    f = cfg.fwd
+    _attention_forward_kernel[(triton.cdiv(S, f.block_m), B * H)](
+        _bshd(q), _bshd(k), _bshd(v), out, lse,
+        head_mask.contiguous() if head_mask is not None else q,
+        S, H, G, scaling * _LOG2E,
+        HAS_MASK=head_mask is not None, HEAD_DIM=D, BLOCK_D=cfg.block_d, BLOCK_M=f.block_m,
+        BLOCK_N=f.block_n, num_warps=f.num_warps, num_stages=f.num_stages, **flags,
+    )  # fmt: skip
     return out, lse
 
 
@@ -624,106 +587,46 @@ def attention_backward(
     """Launch the backward kernels (preprocess, dK/dV, dQ).
 
     Args:
-        do: gradient of the output ``[B, S, H, D]``, any strides.
-        q: forward queries ``[B, H, S, D]``.
-        k: forward keys ``[B, G, S, D]``.
-        v: forward values ``[B, G, S, D]``.
+        do: gradient of the output ``[B, S, H, D]``.
+        q, k, v: the forward's inputs (layouts as in :func:`attention_forward`).
         out: forward output ``[B, S, H, D]``.
         lse: forward log-sum-exp ``[B, H, S]``.
         scaling: factor on ``q k^T``.
         head_mask: optional ``[H]``, as in the forward.
 
     Returns:
-        ``(dq, dk, dv)``, contiguous, in the inputs' dtype; dq is 0 on skipped heads.
+        ``(dq [B, H, S, D], dk, dv [B, G, S, D])`` in the inputs' dtype, each a view of dense
+        ``[B, S, heads, D]`` memory (the layout of Hugging Face's q, k, v); dq is 0 on
+        skipped heads.
     """
     check_launchable(do, q, k, v, out, head_mask)
     B, H, G, S, D = _check_inputs(q, k, v, head_mask)
-    if head_mask is not None:
-        head_mask = head_mask.contiguous()  # indexed as a dense [H] array in the kernels
-    dq = torch.empty((B, H, S, D), dtype=q.dtype, device=q.device)
-    dk = torch.empty((B, G, S, D), dtype=k.dtype, device=k.device)
-    dv = torch.empty((B, G, S, D), dtype=v.dtype, device=v.device)
+    dq, dk, dv = _empty_bshd(B, H, S, D, q), _empty_bshd(B, G, S, D, k), _empty_bshd(B, G, S, D, v)
     if q.numel() == 0:
         return dq, dk.zero_(), dv.zero_()
-    acc, precision, upcast = _kernel_dtypes(q.dtype)
-    cfg = attention_block_sizes(D, q.dtype, S)
-    hm = head_mask if head_mask is not None else q
-    has_mask = head_mask is not None
+    q, k, v = _bshd(q), _bshd(k), _bshd(v)
+    do, out = do.contiguous(), out.contiguous()
+    hm = head_mask.contiguous() if head_mask is not None else q
+    flags = dot_flags(q.dtype)
+    cfg = attention_config(D, q.dtype, S)
+    common = dict(HAS_MASK=head_mask is not None, HEAD_DIM=D, BLOCK_D=cfg.block_d)
     delta = torch.empty_like(lse)
-    pre_m = cfg["dq"][0]
+    pre_m = cfg.dq.block_m
     _attention_backward_preprocess_kernel[(triton.cdiv(S, pre_m), B * H)](
-        out,
-        do,
-        delta,
-        hm,
-        *out.stride(),
-        *do.stride(),
-        S,
-        H,
-        HAS_MASK=has_mask,
-        HEAD_DIM=D,
-        BLOCK_D=cfg["BLOCK_D"],
-        BLOCK_M=pre_m,
-        ACC=acc,
+        out, do, delta, hm, S, H, BLOCK_M=pre_m, ACC_DTYPE=flags["ACC_DTYPE"], **common
     )
-    common = dict(
-        HAS_MASK=has_mask,
-        HEAD_DIM=D,
-        BLOCK_D=cfg["BLOCK_D"],
-        ACC=acc,
-        UPCAST=upcast,
-        PRECISION=precision,
-        num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
-    )
-    block_m, block_n = cfg["dkdv"]
-    _attention_backward_dkdv_kernel[(triton.cdiv(S, block_n), B * G)](
-        q,
-        k,
-        v,
-        do,
-        lse,
-        delta,
-        dk,
-        dv,
-        hm,
-        *q.stride(),
-        *k.stride(),
-        *v.stride(),
-        *do.stride(),
-        S,
-        H,
-        G,
-        H // G,
-        scaling * _LOG2E,
-        scaling,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        **common,
-    )
-    block_m, block_n = cfg["dq"]
-    _attention_backward_dq_kernel[(triton.cdiv(S, block_m), B * H)](
-        q,
-        k,
-        v,
-        do,
-        lse,
-        delta,
-        dq,
-        hm,
-        *q.stride(),
-        *k.stride(),
-        *v.stride(),
-        *do.stride(),
-        S,
-        H,
-        H // G,
-        scaling * _LOG2E,
-        scaling,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        **common,
-    )
+    args = (lse, delta)
+    scales = (scaling * _LOG2E, scaling)
+    c = cfg.dkdv
+    _attention_backward_dkdv_kernel[(triton.cdiv(S, c.block_n), B * G)](
+        q, k, v, do, *args, dk, dv, hm, S, H, G, *scales, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+        num_warps=c.num_warps, num_stages=c.num_stages, **common, **flags,
+    )  # fmt: skip
+    c = cfg.dq
+    _attention_backward_dq_kernel[(triton.cdiv(S, c.block_m), B * H)](
+        q, k, v, do, *args, dq, hm, S, H, G, *scales, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+        num_warps=c.num_warps, num_stages=c.num_stages, **common, **flags,
+    )  # fmt: skip
     return dq, dk, dv
 
 
@@ -787,24 +690,20 @@ def shear_causal_attention(
     return MaskedAttentionFunction.apply(q, k, v, scaling, head_mask)
 
 
-def _check_purely_causal(attention_mask: Any, batch: int, q_len: int, kv_len: int) -> None:
-    """Raise ValueError unless ``attention_mask`` is None or exactly the causal pattern.
+def _mask_problem(attention_mask: Any, batch: int, q_len: int, kv_len: int) -> str | None:
+    """Why ``attention_mask`` is not purely causal, or None when it is None or exactly causal.
 
-    Reading a tensor mask's values costs a host synchronisation; register a mask function that
-    returns None for purely causal masks (as Hugging Face's ``sdpa_mask`` does) to avoid it.
+    Reading a tensor mask's values costs a host synchronisation; a mask function returning None
+    for purely causal masks (Hugging Face's ``sdpa_mask``) avoids it.
     """
     if attention_mask is None:
-        return
+        return None
     if not isinstance(attention_mask, torch.Tensor):
-        raise ValueError(
-            f"shear attention: unsupported attention_mask of type {type(attention_mask).__name__}; "
-            "only None or a purely causal mask is supported (fall back to sdpa / eager)"
-        )
+        return f"an attention_mask of type {type(attention_mask).__name__}"
     m = attention_mask
     if m.dim() != 4 or m.shape[-2:] != (q_len, kv_len) or m.shape[0] not in (1, batch) or m.shape[1] != 1:
-        raise ValueError(
-            f"shear attention: attention_mask of shape {tuple(m.shape)} is not a [B, 1, S, S] causal mask; "
-            "padding / custom masks are not supported by the kernel (fall back to sdpa / eager)"
+        return (
+            f"an attention_mask of shape {tuple(m.shape)}, not a [B, 1, S, S] causal mask (padding, custom)"
         )
     causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=m.device).tril()
     if m.dtype == torch.bool:
@@ -813,15 +712,50 @@ def _check_purely_causal(attention_mask: Any, batch: int, q_len: int, kv_len: in
         # Additive float mask: 0 where visible, a very negative value (finfo.min or -inf) elsewhere.
         allowed = m == 0
         if not bool((m[..., ~causal] <= torch.finfo(m.dtype).min / 2).all()):
-            raise ValueError(
-                "shear attention: the additive attention_mask is not purely causal (padding or custom "
-                "bias); the kernel supports only causal attention (fall back to sdpa / eager)"
-            )
+            return "an additive attention_mask that is not purely causal (padding or a custom bias)"
     if not bool((allowed == causal).all()):
-        raise ValueError(
-            "shear attention: attention_mask is not purely causal (padding or a custom pattern); the "
-            "kernel supports only causal attention without padding (fall back to sdpa / eager)"
-        )
+        return "an attention_mask that is not purely causal (padding or a custom pattern)"
+    return None
+
+
+def unsupported_reason(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: Any,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> str | None:
+    """Why the kernel cannot compute this Hugging Face attention call, or None when it can.
+
+    The one statement of the kernel's limits: :func:`shear.dispatch.attention` falls back to
+    SDPA when there is a reason, :func:`shear_attention_interface` raises it.
+
+    Args:
+        module, query, key, attention_mask, dropout, kwargs: as transformers passes them to
+            an attention function (query ``[B, H, S, D]``, key ``[B, G, S_kv, D]``).
+    """
+    B, H, S, D = query.shape
+    kv_len = key.shape[2]
+    if D > MAX_HEAD_DIM:
+        return f"head_dim {D} > {MAX_HEAD_DIM}"
+    if dropout > 0.0 and getattr(module, "training", True):
+        return f"attention dropout ({dropout}) in training"
+    if kv_len != S:
+        return f"a query length {S} != key length {kv_len} (KV cache)"
+    is_causal = kwargs.get("is_causal")
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    if not is_causal and S > 1:
+        return "non-causal attention"
+    if kwargs.get("softcap") is not None:
+        return "softcap"
+    if kwargs.get("output_attentions", False):
+        return "output_attentions"
+    window = kwargs.get("sliding_window")
+    if window is not None and kv_len > window:
+        return f"a sliding window ({window}) shorter than the sequence ({kv_len})"
+    return _mask_problem(attention_mask, B, S, kv_len)
 
 
 def shear_attention_interface(
@@ -839,7 +773,8 @@ def shear_attention_interface(
     Reads an optional per-query-head skip mask from ``module.shear_head_mask`` (``[H]``).
     Register it with ``AttentionInterface.register(name, shear_attention_interface)`` and an
     ``AttentionMaskInterface`` entry for the same name that returns None for purely causal
-    masks (``transformers.masking_utils.sdpa_mask``); not registered here.
+    masks (``transformers.masking_utils.sdpa_mask``). The masked model registers
+    :func:`shear.dispatch.attention` instead, which falls back to SDPA where this raises.
 
     Args:
         module: the attention module (``LlamaAttention`` and the like).
@@ -849,46 +784,20 @@ def shear_attention_interface(
         attention_mask: None or a purely causal 4D mask (bool, or additive float).
         scaling: factor on ``q k^T``; ``D ** -0.5`` when None.
         dropout: attention dropout probability; must be 0 while ``module.training``.
-        **kwargs: Hugging Face's extra arguments; ``is_causal=False``, ``softcap``, a
-            ``sliding_window`` shorter than the sequence and ``output_attentions`` are refused.
+        **kwargs: Hugging Face's extra arguments (``is_causal``, ``softcap``,
+            ``sliding_window``, ``output_attentions``).
 
     Returns:
         ``(attn_output [B, S, H, D], None)``.
 
     Raises:
-        ValueError: for anything the kernel does not compute (padding or custom masks,
-            dropout in training, KV cache with a query shorter than the keys, non-causal
-            attention, softcap, sliding windows); the caller should fall back to sdpa / eager.
+        ValueError: for anything the kernel does not compute (:func:`unsupported_reason`).
     """
-    B, H, S, D = query.shape
-    kv_len = key.shape[2]
-    if dropout > 0.0 and getattr(module, "training", True):
-        raise ValueError(
-            f"shear attention: attention dropout ({dropout}) is not supported in training; "
-            "set attention_dropout=0 or fall back to sdpa / eager"
-        )
-    if kv_len != S:
-        raise ValueError(
-            f"shear attention: query length {S} != key length {kv_len} (KV cache); the kernel computes "
-            "causal attention over a full sequence only (fall back to sdpa / eager)"
-        )
-    is_causal = kwargs.get("is_causal")
-    if is_causal is None:
-        is_causal = getattr(module, "is_causal", True)
-    if not is_causal and S > 1:
-        raise ValueError("shear attention: non-causal attention is not supported (fall back to sdpa / eager)")
-    if kwargs.get("softcap") is not None:
-        raise ValueError("shear attention: softcap is not supported (fall back to eager)")
-    if kwargs.get("output_attentions", False):
-        raise ValueError("shear attention: output_attentions is not supported (fall back to eager)")
-    window = kwargs.get("sliding_window")
-    if window is not None and kv_len > window:
-        raise ValueError(
-            f"shear attention: sliding window {window} shorter than the sequence ({kv_len}) is not supported"
-        )
-    _check_purely_causal(attention_mask, B, S, kv_len)
+    reason = unsupported_reason(module, query, key, attention_mask, dropout, **kwargs)
+    if reason is not None:
+        raise ValueError(f"shear attention: {reason} is not supported (fall back to sdpa / eager)")
     if scaling is None:
-        scaling = D**-0.5
+        scaling = query.shape[-1] ** -0.5
     head_mask = getattr(module, "shear_head_mask", None)
     if head_mask is not None:
         head_mask = head_mask.to(device=query.device)
@@ -896,10 +805,11 @@ def shear_attention_interface(
 
 
 __all__ = [
+    "MAX_HEAD_DIM",
     "MaskedAttentionFunction",
     "attention_backward",
-    "attention_block_sizes",
     "attention_forward",
     "shear_attention_interface",
     "shear_causal_attention",
+    "unsupported_reason",
 ]

@@ -9,10 +9,11 @@ from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
+import shear.kernels.heuristics as heuristics
 import shear.kernels.masked_attention as ma
+from shear.kernels.heuristics import AttentionBlocks, attention_config
 from shear.kernels.masked_attention import (
     attention_backward,
-    attention_block_sizes,
     attention_forward,
     shear_attention_interface,
     shear_causal_attention,
@@ -185,16 +186,22 @@ def test_low_precision_against_float64(dtype, tol, shape):
     assert (got[0][:, :, hm == 0] == 0).all() and (got[1][:, hm == 0] == 0).all()
 
 
-def test_launchers_fill_preallocated_nan_outputs():
-    B, H, G, S, D = 1, 6, 2, 33, 16
+def test_launchers_fill_poisoned_outputs_in_any_input_layout(monkeypatch):
+    """q, k, v in Hugging Face's layout are read in place, others are copied into it; every
+    output element is written either way (allocations poisoned)."""
+    _poison_allocations(monkeypatch)
+    B, H, G, S, D = 2, 6, 2, 33, 16
     q, k, v, do = _inputs(B, H, G, S, D, torch.float32, seed=5)
     hm = _head_mask(H, G, "zeros", seed=3)
-    out = torch.full((B, S, H, D), float("nan"), device=DEVICE)
-    out, lse = attention_forward(q, k, v, D**-0.5, hm, out=out)
-    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
-    dq, dk, dv = attention_backward(do, q, k, v, out, lse, D**-0.5, hm)
-    for t in (dq, dk, dv):
-        assert torch.isfinite(t).all()
+    k_hf = k.transpose(1, 2).contiguous().transpose(1, 2)  # a view of [B, S, G, D] memory
+    assert ma._bshd(q) is q and ma._bshd(k_hf) is k_hf and ma._bshd(k) is not k
+    want = _fwd_bwd(causal_attention, *[t.double() for t in (q, k, v, do)], D**-0.5, hm)
+    for kk in (k, k_hf):
+        out, lse = attention_forward(q, kk, v, D**-0.5, hm)
+        assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+        dq, dk, dv = attention_backward(do, q, kk, v, out, lse, D**-0.5, hm)
+        for got, ref in zip((out, dq, dk, dv), want, strict=True):
+            torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("shape", [(1, 6, 2, 33, 24), (2, 4, 4, 64, 16)])
@@ -202,13 +209,17 @@ def test_unequal_block_sizes_as_on_a_gpu(shape, monkeypatch):
     # GPU configs use BLOCK_M != BLOCK_N (e.g. 128 x 64 forward, 32 x 128 dK/dV); the
     # interpreter default is 16 everywhere, so force unequal blocks here to check the split
     # between unmasked and diagonal blocks. D = 24 also pads BLOCK_D to 32.
-    real = ma.attention_block_sizes
+    real = ma.attention_config
 
     def unequal(head_dim, dtype, seq_len):
         cfg = real(head_dim, dtype, seq_len)
-        return dict(cfg, fwd=(32, 16), dkdv=(16, 32), dq=(32, 16))
+        return cfg._replace(
+            fwd=AttentionBlocks(32, 16, 4, 1),
+            dkdv=AttentionBlocks(16, 32, 4, 1),
+            dq=AttentionBlocks(32, 16, 4, 1),
+        )
 
-    monkeypatch.setattr(ma, "attention_block_sizes", unequal)
+    monkeypatch.setattr(ma, "attention_config", unequal)
     _poison_allocations(monkeypatch)
     B, H, G, S, D = shape
     q, k, v, do = _inputs(*shape, torch.float64, seed=S + D)
@@ -221,13 +232,13 @@ def test_unequal_block_sizes_as_on_a_gpu(shape, monkeypatch):
 
 
 def test_block_size_heuristic_keeps_the_causal_split_valid(monkeypatch):
-    monkeypatch.setattr(ma, "interpreter_active", lambda: False)
+    monkeypatch.setattr(heuristics, "interpreter_active", lambda: False)
     for D in (16, 64, 80, 128, 256):
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             for S in (1, 7, 100, 4096):
-                cfg = attention_block_sizes(D, dtype, S)
-                assert cfg["BLOCK_D"] >= max(16, D)
-                (fm, fn), (km, kn), (qm, qn) = cfg["fwd"], cfg["dkdv"], cfg["dq"]
+                cfg = attention_config(D, dtype, S)
+                assert cfg.block_d >= max(16, D)
+                (fm, fn, *_), (km, kn, *_), (qm, qn, *_) = cfg.fwd, cfg.dkdv, cfg.dq
                 assert fm % fn == 0 and qm % qn == 0 and kn % km == 0
                 assert min(fm, fn, km, kn, qm, qn) >= 16
 
@@ -279,7 +290,7 @@ def test_interface_refuses_what_the_kernel_does_not_compute():
         )
         with pytest.raises(ValueError, match="not purely causal"):
             shear_attention_interface(module, q, k, v, pm)
-    with pytest.raises(ValueError, match="not a"):
+    with pytest.raises(ValueError, match="not a .B, 1, S, S. causal mask"):
         shear_attention_interface(module, q, k, v, padding)
     module.train()
     with pytest.raises(ValueError, match="dropout"):
