@@ -1,6 +1,6 @@
 """Plain-PyTorch reference ops: the oracle for the Triton kernels and the CPU production path."""
 
-from shear.ops.attention import apply_rope, causal_attention
+from shear.ops.attention import causal_attention
 from shear.ops.hard_concrete import (
     deterministic_mask,
     hard_concrete_sample,
@@ -14,7 +14,6 @@ from shear.ops.masked_mlp import masked_swiglu_mlp
 from shear.ops.masked_rms_norm import masked_rms_norm
 
 __all__ = [
-    "apply_rope",
     "causal_attention",
     "deterministic_mask",
     "hard_concrete_sample",

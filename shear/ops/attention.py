@@ -1,11 +1,10 @@
-"""Rotary embedding and causal GQA attention with a head skip mask, the references for the kernels.
+"""Causal GQA attention with a head skip mask, the reference for the attention kernel.
 
-``apply_rope`` is Hugging Face's ``apply_rotary_pos_emb`` (rotate-half convention).
 ``causal_attention`` is eager causal attention without ``repeat_kv`` copies in the caller's
 view: query head ``h`` reads KV head ``h // (H // G)`` (the ``repeat_kv`` layout).
 
 The head mask of the masked model multiplies each head's context before o_proj (a masked
-linear with ``m_in`` = head mask repeated over head_dim), so attention never multiplies by
+linear whose ``m_in`` holds one entry per head of head_dim features), so attention never multiplies by
 it. It only tells attention which heads it may skip: a head whose mask is exactly 0 returns
 zeros (its context is multiplied by 0 afterwards anyway), so its query gets no gradient and
 its KV head no contribution from it. Downstream of o_proj this is exact.
@@ -14,30 +13,6 @@ its KV head no contribution from it. Downstream of o_proj this is exact.
 from __future__ import annotations
 
 import torch
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary position embedding on queries and keys (Hugging Face's ``apply_rotary_pos_emb``).
-
-    Args:
-        q: queries ``[B, H, S, D]`` (D even).
-        k: keys ``[B, G, S, D]``.
-        cos: ``[B, S, D]`` cosines (as Hugging Face's rotary embedding returns them).
-        sin: ``[B, S, D]`` sines.
-
-    Returns:
-        ``(q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin)``, with cos and
-        sin broadcast over heads; dtypes follow torch's promotion, as in Hugging Face.
-    """
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
 def causal_attention(
