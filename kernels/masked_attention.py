@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from shear.kernels.heuristics import attention_config
-from shear.kernels.utils import check_launchable, dot_flags
+from shear.kernels.utils import MaskedLayer, check_launchable, dot_flags
 
 _LOG2E = 1.4426950408889634
 #: Largest head dimension the kernels take (block sizes are tuned for <= 128).
@@ -72,6 +72,37 @@ def _operand(x, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _load_rows(
+    head,
+    rows,
+    n_rows,
+    row_stride,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    TRANSPOSED: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Rows ``rows`` of one head as a [rows, BLOCK_D] tile ([BLOCK_D, rows] if TRANSPOSED);
+    zeros for rows >= ``n_rows`` and columns >= HEAD_DIM."""
+    offs_d = tl.arange(0, BLOCK_D)
+    if TRANSPOSED:
+        ptrs = head + rows[None, :] * row_stride + offs_d[:, None]
+        mask = (rows < n_rows)[None, :] & (offs_d < HEAD_DIM)[:, None]
+    else:
+        ptrs = head + rows[:, None] * row_stride + offs_d[None, :]
+        mask = (rows < n_rows)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    return _operand(tl.load(ptrs, mask=mask, other=0.0), UPCAST)
+
+
+@triton.jit
+def _store_rows(head, rows, n_rows, row_stride, tile, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Store a [rows, BLOCK_D] tile into rows ``rows`` (< ``n_rows``) of one head."""
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (rows < n_rows)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    tl.store(head + rows[:, None] * row_stride + offs_d[None, :], tile.to(head.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _attention_forward_inner(
     acc,
     l_i,
@@ -100,26 +131,13 @@ def _attention_forward_inner(
     diagonal) every row sees every key.
     """
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        col_ok = cols < S
-        kt = tl.load(
-            k_base + cols[None, :] * kv_stride + offs_d[:, None],
-            mask=col_ok[None, :] & d_ok[:, None],
-            other=0.0,
-        )
-        v = tl.load(
-            v_base + cols[:, None] * kv_stride + offs_d[None, :],
-            mask=col_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
-        kt = _operand(kt, UPCAST)
-        v = _operand(v, UPCAST)
+        kt = _load_rows(k_base, cols, S, kv_stride, HEAD_DIM, BLOCK_D, True, UPCAST)
+        v = _load_rows(v_base, cols, S, kv_stride, HEAD_DIM, BLOCK_D, False, UPCAST)
         qk = tl.dot(q, kt, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE) * qk_scale
         if MASK:
-            qk = tl.where((offs_m[:, None] >= cols[None, :]) & col_ok[None, :], qk, float("-inf"))
+            qk = tl.where((offs_m[:, None] >= cols[None, :]) & (cols < S)[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.exp2(qk - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
@@ -159,22 +177,20 @@ def _attention_forward_kernel(
     h = bh % H
     g = h // (H // G)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < S
     # Causal: keys [0, lo) lie left of the diagonal, [lo, hi) are the diagonal blocks.
     lo = start_m * BLOCK_M
     hi = tl.minimum(lo + BLOCK_M, S)
-    load_rows = row_ok
+    n_load = S  # rows loaded
     if HAS_MASK:
         keep = tl.load(hm_ptr + h) != 0
         # A skipped head visits no key block and loads nothing; its output is written as 0.
         lo = tl.where(keep, lo, 0)
         hi = tl.where(keep, hi, 0)
-        # A row limit of 0, rather than `& keep`: the interpreter cannot AND a block with a scalar.
-        load_rows = offs_m < tl.where(keep, S, 0)
-    q_offs = offs_m[:, None] * (H * HEAD_DIM) + offs_d[None, :]
-    q_mask = load_rows[:, None] & (offs_d < HEAD_DIM)[None, :]
-    q = _operand(tl.load(_head(q_ptr, b, h, S, H, HEAD_DIM) + q_offs, mask=q_mask, other=0.0), UPCAST)
+        n_load = tl.where(keep, S, 0)
+    q_stride = H * HEAD_DIM
+    q = _load_rows(
+        _head(q_ptr, b, h, S, H, HEAD_DIM), offs_m, n_load, q_stride, HEAD_DIM, BLOCK_D, False, UPCAST
+    )
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC_DTYPE)
     l_i = tl.zeros([BLOCK_M], dtype=ACC_DTYPE)
@@ -192,11 +208,11 @@ def _attention_forward_kernel(
     # l_i == 0 only for a skipped head: acc is 0 there and so is the output.
     empty = l_i == 0
     l_safe = tl.where(empty, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    o_mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    tl.store(_head(o_ptr, b, h, S, H, HEAD_DIM) + q_offs, out.to(o_ptr.dtype.element_ty), mask=o_mask)
+    _store_rows(
+        _head(o_ptr, b, h, S, H, HEAD_DIM), offs_m, S, q_stride, acc / l_safe[:, None], HEAD_DIM, BLOCK_D
+    )
     lse = tl.where(empty, 0.0, m_i + tl.log2(l_safe))
-    tl.store(lse_ptr + bh.to(tl.int64) * S + offs_m, lse, mask=row_ok)
+    tl.store(lse_ptr + bh.to(tl.int64) * S + offs_m, lse, mask=offs_m < S)
 
 
 @triton.jit
@@ -219,17 +235,17 @@ def _attention_backward_preprocess_kernel(
     b = bh // H
     h = bh % H
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < S
-    load_rows = row_ok
+    n_load = S
     if HAS_MASK:
-        load_rows = offs_m < tl.where(tl.load(hm_ptr + h) != 0, S, 0)
-    offs = offs_m[:, None] * (H * HEAD_DIM) + offs_d[None, :]
-    mask = load_rows[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(_head(o_ptr, b, h, S, H, HEAD_DIM) + offs, mask=mask, other=0.0)
-    do = tl.load(_head(do_ptr, b, h, S, H, HEAD_DIM) + offs, mask=mask, other=0.0)
+        n_load = tl.where(tl.load(hm_ptr + h) != 0, S, 0)
+    o = _load_rows(
+        _head(o_ptr, b, h, S, H, HEAD_DIM), offs_m, n_load, H * HEAD_DIM, HEAD_DIM, BLOCK_D, False, False
+    )
+    do = _load_rows(
+        _head(do_ptr, b, h, S, H, HEAD_DIM), offs_m, n_load, H * HEAD_DIM, HEAD_DIM, BLOCK_D, False, False
+    )
     delta = tl.sum(o.to(ACC_DTYPE) * do.to(ACC_DTYPE), axis=1)
-    tl.store(delta_ptr + bh.to(tl.int64) * S + offs_m, delta, mask=row_ok)
+    tl.store(delta_ptr + bh.to(tl.int64) * S + offs_m, delta, mask=offs_m < S)
 
 
 @triton.jit
@@ -264,23 +280,11 @@ def _attention_dkdv_inner(
     lse = delta = 0, so they add exactly 0.
     """
     offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
         row_ok = rows < S
-        qt = tl.load(
-            q_base + rows[None, :] * q_stride + offs_d[:, None],
-            mask=row_ok[None, :] & d_ok[:, None],
-            other=0.0,
-        )
-        do = tl.load(
-            do_base + rows[:, None] * q_stride + offs_d[None, :],
-            mask=row_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
-        qt = _operand(qt, UPCAST)
-        do = _operand(do, UPCAST)
+        qt = _load_rows(q_base, rows, S, q_stride, HEAD_DIM, BLOCK_D, True, UPCAST)
+        do = _load_rows(do_base, rows, S, q_stride, HEAD_DIM, BLOCK_D, False, UPCAST)
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
         delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
         pt = tl.exp2(
@@ -327,11 +331,9 @@ def _attention_backward_dkdv_kernel(
     g = bg % G
     n_rep = H // G
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    kv_offs = offs_n[:, None] * (G * HEAD_DIM) + offs_d[None, :]
-    kv_mask = (offs_n < S)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    k = _operand(tl.load(_head(k_ptr, b, g, S, G, HEAD_DIM) + kv_offs, mask=kv_mask, other=0.0), UPCAST)
-    v = _operand(tl.load(_head(v_ptr, b, g, S, G, HEAD_DIM) + kv_offs, mask=kv_mask, other=0.0), UPCAST)
+    kv_stride = G * HEAD_DIM
+    k = _load_rows(_head(k_ptr, b, g, S, G, HEAD_DIM), offs_n, S, kv_stride, HEAD_DIM, BLOCK_D, False, UPCAST)
+    v = _load_rows(_head(v_ptr, b, g, S, G, HEAD_DIM), offs_n, S, kv_stride, HEAD_DIM, BLOCK_D, False, UPCAST)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
 
@@ -363,9 +365,8 @@ def _attention_backward_dkdv_kernel(
             HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, INPUT_PRECISION, ACC_DTYPE,
         )  # fmt: skip
 
-    dk_base = _head(dk_ptr, b, g, S, G, HEAD_DIM)
-    tl.store(dk_base + kv_offs, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(_head(dv_ptr, b, g, S, G, HEAD_DIM) + kv_offs, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+    _store_rows(_head(dk_ptr, b, g, S, G, HEAD_DIM), offs_n, S, kv_stride, dk * sm_scale, HEAD_DIM, BLOCK_D)
+    _store_rows(_head(dv_ptr, b, g, S, G, HEAD_DIM), offs_n, S, kv_stride, dv, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
@@ -393,29 +394,16 @@ def _attention_dq_inner(
 ):
     """dQ of one query block from the key blocks [lo, hi); MASK as in the forward's inner loop."""
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        col_ok = cols < S
-        k = tl.load(
-            k_base + cols[:, None] * kv_stride + offs_d[None, :],
-            mask=col_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
-        vt = tl.load(
-            v_base + cols[None, :] * kv_stride + offs_d[:, None],
-            mask=col_ok[None, :] & d_ok[:, None],
-            other=0.0,
-        )
-        k = _operand(k, UPCAST)
-        vt = _operand(vt, UPCAST)
+        k = _load_rows(k_base, cols, S, kv_stride, HEAD_DIM, BLOCK_D, False, UPCAST)
+        vt = _load_rows(v_base, cols, S, kv_stride, HEAD_DIM, BLOCK_D, True, UPCAST)
         p = tl.exp2(
             tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE) * qk_scale
             - lse[:, None]
         )
         if MASK:
-            p = tl.where((offs_m[:, None] >= cols[None, :]) & col_ok[None, :], p, 0.0)
+            p = tl.where((offs_m[:, None] >= cols[None, :]) & (cols < S)[None, :], p, 0.0)
         dp = tl.dot(do, vt, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
@@ -453,23 +441,23 @@ def _attention_backward_dq_kernel(
     h = bh % H
     g = h // (H // G)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < S
     lo = start_m * BLOCK_M
     hi = tl.minimum(lo + BLOCK_M, S)
-    load_rows = row_ok
+    n_load = S
     if HAS_MASK:
         keep = tl.load(hm_ptr + h) != 0
         lo = tl.where(keep, lo, 0)
         hi = tl.where(keep, hi, 0)
-        load_rows = offs_m < tl.where(keep, S, 0)
-    q_offs = offs_m[:, None] * (H * HEAD_DIM) + offs_d[None, :]
-    q_mask = load_rows[:, None] & (offs_d < HEAD_DIM)[None, :]
-    q = _operand(tl.load(_head(q_ptr, b, h, S, H, HEAD_DIM) + q_offs, mask=q_mask, other=0.0), UPCAST)
-    do = _operand(tl.load(_head(do_ptr, b, h, S, H, HEAD_DIM) + q_offs, mask=q_mask, other=0.0), UPCAST)
-    rows = bh.to(tl.int64) * S + offs_m
-    lse = tl.load(lse_ptr + rows, mask=load_rows, other=0.0)
-    delta = tl.load(delta_ptr + rows, mask=load_rows, other=0.0)
+        n_load = tl.where(keep, S, 0)
+    q_stride = H * HEAD_DIM
+    q = _load_rows(
+        _head(q_ptr, b, h, S, H, HEAD_DIM), offs_m, n_load, q_stride, HEAD_DIM, BLOCK_D, False, UPCAST
+    )
+    do = _load_rows(
+        _head(do_ptr, b, h, S, H, HEAD_DIM), offs_m, n_load, q_stride, HEAD_DIM, BLOCK_D, False, UPCAST
+    )
+    lse = tl.load(lse_ptr + bh.to(tl.int64) * S + offs_m, mask=offs_m < n_load, other=0.0)
+    delta = tl.load(delta_ptr + bh.to(tl.int64) * S + offs_m, mask=offs_m < n_load, other=0.0)
     kv = (_head(k_ptr, b, g, S, G, HEAD_DIM), _head(v_ptr, b, g, S, G, HEAD_DIM), G * HEAD_DIM)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC_DTYPE)
     dq = _attention_dq_inner(
@@ -480,12 +468,7 @@ def _attention_backward_dq_kernel(
         dq, q, do, lse, delta, *kv, lo, hi, offs_m, S, qk_scale, True,
         HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, INPUT_PRECISION, ACC_DTYPE,
     )  # fmt: skip
-    dq_mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    tl.store(
-        _head(dq_ptr, b, h, S, H, HEAD_DIM) + q_offs,
-        (dq * sm_scale).to(dq_ptr.dtype.element_ty),
-        mask=dq_mask,
-    )
+    _store_rows(_head(dq_ptr, b, h, S, H, HEAD_DIM), offs_m, S, q_stride, dq * sm_scale, HEAD_DIM, BLOCK_D)
 
 
 # --------------------------------------------------------------------------------------
@@ -804,9 +787,26 @@ def shear_attention_interface(
     return shear_causal_attention(query, key, value, float(scaling), head_mask), None
 
 
+class ShearMaskedAttention(MaskedLayer):
+    """The masked model's attention: a Hugging Face attention module whose forward stays its own.
+
+    :func:`shear.patch.apply_masks` turns the model's attention modules into this layer and
+    registers :func:`shear.dispatch.attention` as the model's attention function; that
+    function reads ``shear_head_mask`` to skip the query heads whose mask is exactly 0 (the
+    mask multiplies the heads in o_proj, a :class:`~shear.kernels.masked_linear.ShearMaskedLinear`).
+    """
+
+    @property
+    def shear_head_mask(self) -> torch.Tensor | None:
+        """``[H]``: one entry per query head, or None without head masks."""
+        (m,) = self._masks(None)
+        return m
+
+
 __all__ = [
     "MAX_HEAD_DIM",
     "MaskedAttentionFunction",
+    "ShearMaskedAttention",
     "attention_backward",
     "attention_forward",
     "shear_attention_interface",

@@ -59,8 +59,9 @@ import triton
 import triton.language as tl
 from torch import nn
 
+from shear import dispatch
 from shear.kernels.heuristics import gemm_config
-from shear.kernels.utils import check_launchable, dot_flags, ensure_contiguous
+from shear.kernels.utils import MaskedLayer, check_launchable, dot_flags, ensure_contiguous
 
 __all__ = [
     "MaskedLinearFunction",
@@ -746,7 +747,8 @@ def shear_masked_linear(
         x: input ``[..., K]`` (float32, float16 or bfloat16).
         weight: ``[N, K]`` in x's dtype.
         bias: optional ``[N]``.
-        m_in: optional ``[K]`` mask on input features.
+        m_in: optional mask on input features: ``[K]``, or ``[n]`` with one entry per group
+            of ``K // n`` consecutive features (a head mask); its gradient is per entry.
         m_out: optional ``[N]`` mask on output features.
 
     Returns:
@@ -754,25 +756,30 @@ def shear_masked_linear(
         mask entry that is exactly 0 is 0 (module docstring).
 
     Example:
-        >>> y = shear_masked_linear(x, layer.weight, layer.bias, m_in=head_mask_per_channel)
+        >>> y = shear_masked_linear(context, o_proj.weight, None, m_in=head_mask)  # one entry per head
     """
     return MaskedLinearFunction.apply(x, weight, bias, m_in, m_out)
 
 
-class ShearMaskedLinear(nn.Linear):
-    """``nn.Linear`` whose forward takes optional input and output feature masks."""
+class ShearMaskedLinear(MaskedLayer, nn.Linear):
+    """``nn.Linear`` with optional input and output feature masks; the masked model's o_proj.
+
+    Runs the fused kernels or the reference op per call (:mod:`shear.dispatch`).
+    """
 
     def forward(  # type: ignore[override]
         self, x: torch.Tensor, m_in: torch.Tensor | None = None, m_out: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """``((x * m_in) W^T + b) * m_out`` through the fused kernels.
+        """``((x * m_in) W^T + b) * m_out``.
 
         Args:
             x: ``[..., in_features]``.
-            m_in: optional ``[in_features]`` mask.
+            m_in: optional input mask, ``[in_features]`` or one entry per group of features
+                (``[heads]`` on o_proj); from the patched model's slot when there is one.
             m_out: optional ``[out_features]`` mask.
 
         Returns:
             ``[..., out_features]``.
         """
-        return shear_masked_linear(x, self.weight, self.bias, m_in, m_out)
+        m_in, m_out = self._masks(m_in, m_out)
+        return dispatch.masked_linear(x, self.weight, self.bias, m_in, m_out)

@@ -48,6 +48,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
+from shear import dispatch
 from shear.kernels.heuristics import elementwise_2d_config, gemm_config
 from shear.kernels.masked_linear import (
     _grouped_pid,
@@ -55,7 +56,7 @@ from shear.kernels.masked_linear import (
     masked_linear_backward_weight,
     masked_linear_forward,
 )
-from shear.kernels.utils import check_launchable, dot_flags, ensure_contiguous
+from shear.kernels.utils import MaskedLayer, check_launchable, dot_flags, ensure_contiguous
 
 __all__ = [
     "MaskedSwiGLUMLPFunction",
@@ -485,11 +486,13 @@ def shear_masked_swiglu_mlp(
     return MaskedSwiGLUMLPFunction.apply(*args)
 
 
-class ShearMaskedSwiGLUMLP(nn.Module):
-    """LLaMA-style MLP (``gate_proj``, ``up_proj``, ``down_proj``) run by the fused kernels.
+class ShearMaskedSwiGLUMLP(MaskedLayer, nn.Module):
+    """LLaMA-style MLP (``gate_proj``, ``up_proj``, ``down_proj``; silu) under its two masks.
 
-    The children are named like Hugging Face's ``LlamaMLP``, so ``load_state_dict`` of a
-    LlamaMLP (or :meth:`from_mlp`) takes over its weights.
+    The masked model's MLPs: the children are named like Hugging Face's ``LlamaMLP``, so a
+    LlamaMLP's state dict loads as is. One op for the whole block, so that the Triton path
+    fuses it (gate and up in one GEMM pass, the activation in its epilogue, zero channels
+    skipped); the fused kernels or the reference op run per call (:mod:`shear.dispatch`).
     """
 
     def __init__(
@@ -511,50 +514,26 @@ class ShearMaskedSwiGLUMLP(nn.Module):
         """
         super().__init__()
         kw = dict(bias=bias, device=device, dtype=dtype)
-        self.hidden_size = hidden_size
-        self.intermediate_size = intermediate_size
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, **kw)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, **kw)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, **kw)
 
-    @classmethod
-    def from_mlp(cls, mlp: nn.Module) -> ShearMaskedSwiGLUMLP:
-        """Wrap an existing LlamaMLP-like module, sharing (not copying) its three Linear layers.
-
-        Args:
-            mlp: a module with ``gate_proj``, ``up_proj``, ``down_proj`` (silu activation).
-
-        Returns:
-            The fused module.
-        """
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.hidden_size = mlp.gate_proj.in_features
-        new.intermediate_size = mlp.gate_proj.out_features
-        new.gate_proj, new.up_proj, new.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
-        return new
-
     def forward(
         self, x: torch.Tensor, m_int: torch.Tensor | None = None, m_out: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """``(silu(gate(x)) * up(x) * m_int) -> down -> * m_out`` through the fused kernels.
+        """``(silu(gate(x)) * up(x) * m_int) -> down -> * m_out``.
 
         Args:
             x: ``[..., hidden_size]``.
-            m_int: optional ``[intermediate_size]`` mask.
+            m_int: optional ``[intermediate_size]`` mask (from the patched model's slot when
+                there is one, as m_out).
             m_out: optional ``[hidden_size]`` mask.
 
         Returns:
             ``[..., hidden_size]``.
         """
-        return shear_masked_swiglu_mlp(
-            x,
-            self.gate_proj.weight,
-            self.up_proj.weight,
-            self.down_proj.weight,
-            m_int,
-            m_out,
-            self.gate_proj.bias,
-            self.up_proj.bias,
-            self.down_proj.bias,
+        m_int, m_out = self._masks(m_int, m_out)
+        g, u, d = self.gate_proj, self.up_proj, self.down_proj
+        return dispatch.masked_swiglu_mlp(
+            x, g.weight, u.weight, d.weight, m_int, m_out, gate_bias=g.bias, up_bias=u.bias, down_bias=d.bias
         )

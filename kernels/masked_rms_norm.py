@@ -33,8 +33,9 @@ import triton
 import triton.language as tl
 from torch import nn
 
+from shear import dispatch
 from shear.kernels.heuristics import num_programs, row_config
-from shear.kernels.utils import check_launchable, ensure_contiguous
+from shear.kernels.utils import MaskedLayer, check_launchable, ensure_contiguous
 
 #: When True, launchers allocate their outputs and partial buffers filled with NaN instead of
 #: ``torch.empty`` (tests set it so that any element a kernel fails to write shows up).
@@ -251,8 +252,11 @@ def shear_masked_rms_norm(
     return MaskedRMSNormFunction.apply(x, weight, z, eps)
 
 
-class ShearMaskedRMSNorm(nn.Module):
-    """Drop-in for Hugging Face's LlamaRMSNorm (same ``weight`` / ``variance_epsilon``), masked.
+class ShearMaskedRMSNorm(MaskedLayer, nn.Module):
+    """Hugging Face's LlamaRMSNorm (same ``weight`` / ``variance_epsilon``) under the hidden mask.
+
+    The masked model's RMSNorms; runs the fused kernel or the reference op per call
+    (:mod:`shear.dispatch`).
 
     Args:
         hidden_size: d.
@@ -269,12 +273,13 @@ class ShearMaskedRMSNorm(nn.Module):
 
         Args:
             hidden_states: ``[..., d]``.
-            z: optional ``[d]`` hidden mask.
+            z: optional ``[d]`` hidden mask (from the patched model's slot when there is one).
 
         Returns:
             ``[..., d]``.
         """
-        return shear_masked_rms_norm(hidden_states, self.weight, z, self.variance_epsilon)
+        (z,) = self._masks(z)
+        return dispatch.masked_rms_norm(hidden_states, self.weight, z, self.variance_epsilon)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"

@@ -83,3 +83,23 @@ def ensure_contiguous(fn: Callable) -> Callable:
         return fn(ctx, *args, **kwargs)
 
     return wrapper
+
+
+class MaskedLayer:
+    """Where shear's masked layers get their masks (a base of every ``ShearMasked*`` layer).
+
+    Used on its own, a layer takes its masks as forward arguments. In a model patched by
+    :func:`shear.patch.apply_masks`, which turns the model's own modules into these layers
+    in place, forward is called without them and the masks of the forward pass in progress
+    come from the slot the patch attaches (``shear_slot``, a
+    :class:`shear.masked_modules.MaskSlot`).
+    """
+
+    shear_slot = None
+
+    def _masks(self, *given: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        if self.shear_slot is None:
+            return given
+        if any(g is not None for g in given):
+            raise ValueError(f"{type(self).__name__}: its masks come from the patched model, not arguments")
+        return self.shear_slot.get()

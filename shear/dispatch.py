@@ -94,29 +94,24 @@ ATTENTION_NAME = "shear_masked"
 
 
 def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """A transformers attention function: the Triton kernel where it applies, else SDPA.
+    """The masked model's attention function (transformers ``AttentionInterface``), per call.
 
-    The kernel computes causal attention over whole sequences (no padding mask, no KV
-    cache, no dropout in training) and skips query heads whose mask is exactly 0
-    (``module.shear_head_mask``); anything else runs PyTorch's SDPA, as transformers would.
+    Shear's Triton kernel (skipping the query heads whose ``module.shear_head_mask`` is
+    exactly 0) when the tensors take the Triton path (:func:`use_triton`) and the kernel
+    computes this call (:func:`shear.kernels.masked_attention.unsupported_reason`: the one
+    statement of its limits, such as padding masks, KV-cache decoding or dropout in
+    training); PyTorch's SDPA otherwise, as transformers would run it. Skipping is exact
+    without the kernel too: o_proj multiplies the skipped heads by 0.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    eligible = (
-        use_triton(query)
-        and attention_mask is None
-        and key.shape[2] == query.shape[2]
-        and not (dropout > 0 and module.training)
-        and not kwargs.get("output_attentions", False)
-        and kwargs.get("softcap") is None
-        and (kwargs.get("sliding_window") is None or kwargs["sliding_window"] >= key.shape[2])
-    )
-    if eligible:
-        from shear.kernels.masked_attention import shear_attention_interface
+    if use_triton(query):
+        from shear.kernels.masked_attention import shear_attention_interface, unsupported_reason
 
-        return shear_attention_interface(
-            module, query, key, value, None, scaling=scaling, dropout=dropout, **kwargs
-        )
+        if unsupported_reason(module, query, key, attention_mask, dropout, **kwargs) is None:
+            return shear_attention_interface(
+                module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+            )
     return sdpa_attention_forward(
         module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
     )

@@ -1,11 +1,12 @@
-"""Masked versions of Hugging Face's Linear and RMSNorm modules.
+"""Turning a Hugging Face module into shear's masked layer in place, and back.
 
-:func:`shear.patch.apply_masks` turns existing module instances into these by swapping
-their class for a subclass of the original (``MaskedLinear`` over ``nn.Linear``,
-``MaskedLlamaRMSNorm`` over ``LlamaRMSNorm``, ...): the weights, parameter names, hooks
-and ``isinstance`` checks stay as they were, so the model remains a normal Hugging Face
-model. Each module reads its mask for the current forward pass through a
-:class:`MaskSlot`.
+:func:`shear.patch.apply_masks` swaps a module's class for a subclass of both the masked
+layer of its op (the ``ShearMasked*`` layers of :mod:`shear.kernels`) and its own class
+(``MaskedLinear`` over ``ShearMaskedLinear`` and ``nn.Linear``, ``MaskedLlamaRMSNorm`` over
+``ShearMaskedRMSNorm`` and ``LlamaRMSNorm``, ...): the weights, parameter names, hooks and
+``isinstance`` checks stay as they were, so the model remains a normal Hugging Face model,
+and the forward is the layer's. Each module reads its masks for the current forward pass
+through a :class:`MaskSlot`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from shear import dispatch
 from shear.masks import HardConcreteMasks
 
 
@@ -52,68 +52,16 @@ class MaskSlot:
         return tuple(out)
 
 
-class MaskedLinearMixin:
-    """Linear whose forward is ``((x * m_in) W^T + b) * m_out`` with masks from its slot."""
-
-    shear_slot: MaskSlot
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m_in, m_out = self.shear_slot.get()
-        return dispatch.masked_linear(x, self.weight, self.bias, m_in, m_out)
-
-
-class MaskedRMSNormMixin:
-    """RMSNorm over the kept hidden dimensions, then scaled by the hidden mask."""
-
-    shear_slot: MaskSlot
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        (z,) = self.shear_slot.get()
-        return dispatch.masked_rms_norm(hidden_states, self.weight, z, self.variance_epsilon)
-
-
-class MaskedAttentionMixin:
-    """Attention whose per-query-head mask is visible to shear's attention function.
-
-    The forward stays Hugging Face's; :func:`shear.dispatch.attention` reads
-    ``shear_head_mask`` to skip heads whose mask is exactly 0 (o_proj applies the mask).
-    """
-
-    shear_slot: MaskSlot
-
-    @property
-    def shear_head_mask(self) -> torch.Tensor | None:
-        (m,) = self.shear_slot.get()
-        return None if m is None else m.view(-1, self.head_dim)[:, 0].contiguous()
-
-
-class MaskedMLPMixin:
-    """SwiGLU MLP (gate_proj, up_proj, down_proj; silu) with the intermediate and output masks.
-
-    One op for the whole block, so the Triton path can fuse it (gate and up in one GEMM
-    pass, the activation in its epilogue, zero channels skipped).
-    """
-
-    shear_slot: MaskSlot
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m_int, m_out = self.shear_slot.get()
-        g, u, d = self.gate_proj, self.up_proj, self.down_proj
-        return dispatch.masked_swiglu_mlp(
-            x, g.weight, u.weight, d.weight, m_int, m_out, gate_bias=g.bias, up_bias=u.bias, down_bias=d.bias
-        )
-
-
 @functools.cache
-def masked_class(base: type[nn.Module], mixin: type) -> type[nn.Module]:
-    """The subclass of ``base`` whose forward comes from ``mixin`` (cached per pair)."""
-    return type(f"Masked{base.__name__}", (mixin, base), {"_shear_base": base})
+def masked_class(base: type[nn.Module], layer: type) -> type[nn.Module]:
+    """The subclass of ``layer`` and ``base`` whose forward is the layer's (cached per pair)."""
+    return type(f"Masked{base.__name__}", (layer, base), {"_shear_base": base})
 
 
-def mask_module(module: nn.Module, mixin: type, slot: MaskSlot) -> None:
-    """Turn ``module`` into its masked subclass in place and attach its slot."""
+def mask_module(module: nn.Module, layer: type, slot: MaskSlot) -> None:
+    """Turn ``module`` into the masked ``layer`` in place and attach its slot."""
     base = getattr(type(module), "_shear_base", type(module))
-    module.__class__ = masked_class(base, mixin)
+    module.__class__ = masked_class(base, layer)
     module.shear_slot = slot
 
 

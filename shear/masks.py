@@ -128,7 +128,8 @@ class LayerMasks:
     """Per-layer mask vectors in the form the masked modules consume (None: no mask).
 
     Attributes:
-        attn_in: ``[L, H * head_dim]`` on o_proj's input (head and KV-group masks).
+        attn_in: ``[L, H]``, one entry per query head (head and KV-group masks): o_proj's
+            input mask (one entry per head of head_dim features) and attention's skip mask.
         attn_out: ``[L, d]`` on o_proj's output (layer * head_layer * hidden).
         int_out: ``[L, I]`` on up_proj's output (intermediate).
         mlp_out: ``[L, d]`` on down_proj's output (layer * mlp * hidden).
@@ -182,7 +183,7 @@ def combine_layer_masks(source: Arch, z: dict[str, torch.Tensor]) -> LayerMasks:
             kv[:, :, None] if kv is not None else None,
             head[:, None, :] if head is not None else None,
         ).expand(L, G, n)
-        attn_in = per_head.reshape(L, G * n, 1).expand(L, G * n, source.head_dim).reshape(L, -1)
+        attn_in = per_head.reshape(L, G * n)
     return LayerMasks(
         attn_in=attn_in,
         attn_out=out_mask(attn_scale),

@@ -1,9 +1,13 @@
 """Apply hard-concrete masks to a Hugging Face LLaMA-family model in place, and undo it.
 
-Nothing of Hugging Face's modelling code is copied: the modules where masks multiply
-(o_proj, the MLP and every RMSNorm) switch to masked subclasses of their own class, and a
-forward pre-hook on the base model computes the masks once per forward pass (a fresh
-sample per micro-batch in training mode, the deterministic masks in eval mode).
+Nothing of Hugging Face's modelling code is copied: the modules where masks act (o_proj,
+the MLP, every RMSNorm, and the attention modules, which expose their head mask) become
+shear's masked layers (:mod:`shear.kernels`) in place, each a subclass of both the layer and
+the module's own class, and a forward pre-hook on the base model computes the masks once
+per forward pass (a fresh sample per micro-batch in training mode, the deterministic masks
+in eval mode). The model's attention function becomes :func:`shear.dispatch.attention`,
+which decides per call between shear's kernel and SDPA, so a model patched on the CPU and
+moved to a GPU runs the kernel there.
 Loss, ``generate`` and ``save_pretrained`` keep working; the state dict keeps its keys
 (the masks live in a separate :class:`~shear.masks.HardConcreteMasks` module).
 """
@@ -19,15 +23,11 @@ from torch import nn
 from shear import dispatch
 from shear.arch import Arch
 from shear.errors import ShearError
-from shear.masked_modules import (
-    MaskedAttentionMixin,
-    MaskedLinearMixin,
-    MaskedMLPMixin,
-    MaskedRMSNormMixin,
-    MaskSlot,
-    mask_module,
-    unmask_module,
-)
+from shear.kernels.masked_attention import ShearMaskedAttention
+from shear.kernels.masked_linear import ShearMaskedLinear
+from shear.kernels.masked_mlp import ShearMaskedSwiGLUMLP
+from shear.kernels.masked_rms_norm import ShearMaskedRMSNorm
+from shear.masked_modules import MaskSlot, mask_module, unmask_module
 from shear.masks import HardConcreteMasks
 from shear.target import resolve_target
 
@@ -87,10 +87,10 @@ def attach_masks(model: nn.Module, masks: HardConcreteMasks) -> None:
     hidden = "hidden" in types
     patched: list[nn.Module] = []
 
-    def patch(module: nn.Module, mixin: type, layer: int | None, *fields: str | None) -> None:
+    def patch(module: nn.Module, masked_layer: type, layer: int | None, *fields: str | None) -> None:
         if all(f is None for f in fields):
             return  # no learned mask touches this module: leave it as it was
-        mask_module(module, mixin, MaskSlot(masks, layer, fields))
+        mask_module(module, masked_layer, MaskSlot(masks, layer, fields))
         patched.append(module)
 
     def field(name: str, present: bool) -> str | None:
@@ -99,10 +99,10 @@ def attach_masks(model: nn.Module, masks: HardConcreteMasks) -> None:
     head_masks = bool(types & {"head", "kv"})
     for i, layer in enumerate(decoder.layers):
         attn, mlp = layer.self_attn, layer.mlp
-        patch(attn, MaskedAttentionMixin, i, field("attn_in", head_masks))
+        patch(attn, ShearMaskedAttention, i, field("attn_in", head_masks))
         patch(
             attn.o_proj,
-            MaskedLinearMixin,
+            ShearMaskedLinear,
             i,
             field("attn_in", head_masks),
             field("attn_out", bool(types & {"layer", "head_layer"}) or hidden),
@@ -110,24 +110,23 @@ def attach_masks(model: nn.Module, masks: HardConcreteMasks) -> None:
         _check_swiglu(mlp)
         patch(
             mlp,
-            MaskedMLPMixin,
+            ShearMaskedSwiGLUMLP,
             i,
             field("int_out", "intermediate" in types),
             field("mlp_out", bool(types & {"layer", "mlp"}) or hidden),
         )
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-            patch(norm, MaskedRMSNormMixin, None, field("hidden", hidden))
-    patch(decoder.norm, MaskedRMSNormMixin, None, field("hidden", hidden))
+            patch(norm, ShearMaskedRMSNorm, None, field("hidden", hidden))
+    patch(decoder.norm, ShearMaskedRMSNorm, None, field("hidden", hidden))
 
     def refresh(module: nn.Module, args: Any) -> None:
         masks.refresh(module.training)
 
     hook = decoder.register_forward_pre_hook(refresh)
-    # On the Triton path attention runs shear's kernel (with head skipping); elsewhere the
-    # model keeps its own attention implementation.
+    # Attention decides per call (shear's kernel with head skipping on the Triton path, SDPA
+    # elsewhere), whatever device the model is on now.
     original_attn = model.config._attn_implementation
-    if dispatch.use_triton(next(model.parameters())):
-        model.set_attn_implementation(dispatch.register_attention())
+    model.set_attn_implementation(dispatch.register_attention())
     object.__setattr__(model, _STATE, (masks, hook, patched, original_attn))
 
 

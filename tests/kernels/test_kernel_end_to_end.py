@@ -36,8 +36,7 @@ def _run(backend: str, monkeypatch) -> dict[str, torch.Tensor]:
     masks = apply_masks(
         model, "layers=1,hidden=48,heads=2,kv_heads=1,intermediate=64", types=list(MASK_TYPES)
     )
-    expected_attn = "shear_masked" if backend == "triton" else model.config._attn_implementation
-    assert model.config._attn_implementation == expected_attn
+    assert model.config._attn_implementation == "shear_masked"  # decides per call, on either backend
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for la in masks.log_alpha.values():
@@ -155,3 +154,64 @@ def test_strided_head_mask_is_read_correctly():
     torch.testing.assert_close(
         out, causal_attention(q, k, v, 0.25, strided.contiguous()), rtol=1e-4, atol=1e-5
     )
+
+
+def test_attention_backend_is_decided_per_call(monkeypatch):
+    """A model patched where the kernels do not run (as on a CPU) takes the kernel as soon as
+    its tensors do (as after .cuda()), without patching again; a padding mask falls back to
+    SDPA there, with the same result as the reference path."""
+    from shear.kernels import masked_attention
+
+    calls: dict[str, int] = {}
+    _spy(monkeypatch, masked_attention, "shear_attention_interface", calls)
+    monkeypatch.setenv("SHEAR_KERNELS", "reference")
+    model = _model().eval()
+    masks = apply_masks(model, "heads=2,kv_heads=1", types=["kv"])
+    z = {"kv": torch.tensor([[0.0, 0.7], [1.0, 0.4]], device=DEVICE)}
+    ids = torch.randint(0, 67, (2, 11), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    padding = torch.ones_like(ids)
+    padding[0, :3] = 0
+    with masks.fixed(z), torch.no_grad():
+        ref = model(ids).logits
+        ref_padded = model(ids, attention_mask=padding).logits
+        assert calls == {}
+        monkeypatch.setenv("SHEAR_KERNELS", "triton")
+        tri = model(ids).logits
+        assert calls == {"shear_attention_interface": 2}  # both layers, through the kernel
+        tri_padded = model(ids, attention_mask=padding).logits
+        assert calls == {"shear_attention_interface": 2}  # padding: SDPA, not the kernel
+    torch.testing.assert_close(tri, ref, rtol=2e-4, atol=2e-5)
+    torch.testing.assert_close(tri_padded, ref_padded, rtol=2e-4, atol=2e-5)
+    remove_masks(model)
+    assert model.config._attn_implementation != "shear_masked"
+
+
+def test_patch_installs_the_kernels_layers(monkeypatch):
+    """One layer per op: the modules of the patched model are shear.kernels' layers (and still
+    their own Hugging Face classes); removing the masks restores the classes."""
+    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm
+
+    from shear.kernels.masked_attention import ShearMaskedAttention
+    from shear.kernels.masked_linear import ShearMaskedLinear
+    from shear.kernels.masked_mlp import ShearMaskedSwiGLUMLP
+    from shear.kernels.masked_rms_norm import ShearMaskedRMSNorm
+
+    model = _model()
+    apply_masks(model, "layers=1,hidden=48,heads=2,kv_heads=1,intermediate=64", types=list(MASK_TYPES))
+    layer = model.model.layers[0]
+    pairs = [
+        (layer.self_attn, ShearMaskedAttention, LlamaAttention),
+        (layer.self_attn.o_proj, ShearMaskedLinear, torch.nn.Linear),
+        (layer.mlp, ShearMaskedSwiGLUMLP, LlamaMLP),
+        (layer.input_layernorm, ShearMaskedRMSNorm, LlamaRMSNorm),
+        (model.model.norm, ShearMaskedRMSNorm, LlamaRMSNorm),
+    ]
+    for module, ours, theirs in pairs:
+        assert isinstance(module, ours) and isinstance(module, theirs), type(module)
+    model.train()
+    model(torch.zeros(1, 3, dtype=torch.long, device=DEVICE))  # refresh the masks
+    assert layer.self_attn.shear_head_mask.shape == (4,)  # one entry per query head
+    with pytest.raises(ValueError, match="come from the patched model"):
+        layer.self_attn.o_proj(torch.zeros(1, 64, device=DEVICE), m_in=torch.ones(4, device=DEVICE))
+    remove_masks(model)
+    assert type(layer.mlp) is LlamaMLP and type(layer.self_attn.o_proj) is torch.nn.Linear

@@ -246,7 +246,11 @@ def test_mask_gradients_are_deterministic():
         assert torch.equal(a, b)
 
 
-def test_module_is_a_drop_in_linear():
+def test_module_is_a_drop_in_linear(monkeypatch):
+    monkeypatch.setenv("SHEAR_KERNELS", "triton")  # the layer dispatches per call
+    calls = []
+    real = ml.MaskedLinearFunction.apply
+    monkeypatch.setattr(ml.MaskedLinearFunction, "apply", lambda *a: calls.append(1) or real(*a))
     g = torch.Generator().manual_seed(19)
     ref = torch.nn.Linear(24, 18)
     layer = ShearMaskedLinear(24, 18).to(DEVICE)
@@ -260,3 +264,4 @@ def test_module_is_a_drop_in_linear():
     expect = masked_linear(x, ref.weight, ref.bias, m_in, m_out)
     got = layer(x.to(DEVICE), m_in=m_in.to(DEVICE), m_out=m_out.to(DEVICE))
     torch.testing.assert_close(got.detach().cpu(), expect.detach(), rtol=2e-5, atol=2e-5)
+    assert len(calls) == 2

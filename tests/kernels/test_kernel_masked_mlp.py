@@ -20,6 +20,7 @@ from shear.kernels.masked_mlp import (
     masked_swiglu_mlp_forward,
     shear_masked_swiglu_mlp,
 )
+from shear.masked_modules import masked_class
 from shear.ops import masked_swiglu_mlp
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -217,19 +218,35 @@ def test_reference_is_llama_mlp_with_masks_where_shear_puts_them(mlp_bias):
 
 
 @pytest.mark.parametrize("mlp_bias", [False, True])
-def test_module_takes_over_a_llama_mlp(mlp_bias):
+def test_layer_standalone_and_installed_in_a_llama_mlp(mlp_bias, monkeypatch):
+    """The layer built on its own, and installed in place on Hugging Face's LlamaMLP (what
+    shear.patch does), run the kernels and compute the MLP."""
+    monkeypatch.setenv("SHEAR_KERNELS", "triton")
+    calls = []
+    monkeypatch.setattr(mm, "MaskedSwiGLUMLPFunction", _Counting(mm.MaskedSwiGLUMLPFunction, calls))
     cfg = LlamaConfig(
         hidden_size=48, intermediate_size=84, num_attention_heads=6, mlp_bias=mlp_bias, hidden_act="silu"
     )
     torch.manual_seed(47)
-    mlp = LlamaMLP(cfg).eval()
+    mlp = LlamaMLP(cfg).train()
     x = torch.randn(2, 5, 48)
+    expect = mlp(x).detach()
     fused = ShearMaskedSwiGLUMLP(48, 84, bias=mlp_bias)
     fused.load_state_dict(mlp.state_dict())
-    shared = ShearMaskedSwiGLUMLP.from_mlp(mlp)
-    assert shared.gate_proj is mlp.gate_proj
-    with torch.no_grad():
-        expect = mlp(x)
-        for module in (fused.to(DEVICE), shared.to(DEVICE)):
-            # fp32 kernels vs fp32 PyTorch: bound as in TOL.
-            torch.testing.assert_close(module(x.to(DEVICE)).cpu(), expect, rtol=2e-5, atol=2e-5)
+    mlp.__class__ = masked_class(LlamaMLP, ShearMaskedSwiGLUMLP)
+    assert isinstance(mlp, LlamaMLP) and isinstance(mlp, ShearMaskedSwiGLUMLP)
+    for module in (fused.to(DEVICE), mlp.to(DEVICE)):
+        # fp32 kernels vs fp32 PyTorch: bound as in TOL.
+        torch.testing.assert_close(module(x.to(DEVICE)).detach().cpu(), expect, rtol=2e-5, atol=2e-5)
+    assert len(calls) == 2
+
+
+class _Counting:
+    """Stands in for an autograd Function class: counts ``apply`` calls."""
+
+    def __init__(self, fn, calls: list):
+        self.fn, self.calls = fn, calls
+
+    def apply(self, *args):
+        self.calls.append(1)
+        return self.fn.apply(*args)

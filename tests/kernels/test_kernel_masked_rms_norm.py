@@ -120,7 +120,8 @@ def test_mixed_weight_dtype_promotes_like_reference():
     _check(x, w.float(), z, dy.float(), TOL[torch.bfloat16])
 
 
-def test_no_mask_equals_llama_rms_norm():
+def test_no_mask_equals_llama_rms_norm(monkeypatch):
+    monkeypatch.setenv("SHEAR_KERNELS", "triton")  # the layer dispatches per call
     d = 129
     hf = LlamaRMSNorm(d, eps=EPS).to(DEVICE)
     ours = K.ShearMaskedRMSNorm(d, eps=EPS).to(DEVICE)
@@ -140,7 +141,8 @@ def test_no_mask_equals_llama_rms_norm():
     torch.testing.assert_close(ours.weight.grad, hf.weight.grad, atol=1e-4, rtol=1e-5)
 
 
-def test_module_with_mask_and_1d_input():
+def test_module_with_mask_and_1d_input(monkeypatch):
+    monkeypatch.setenv("SHEAR_KERNELS", "triton")
     d = 48
     norm = K.ShearMaskedRMSNorm(d).to(DEVICE)
     z = _mask(d, "hard_concrete", 3)
