@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from shear.kernels.heuristics import attention_config
-from shear.kernels.utils import MaskedLayer, check_launchable, dot_flags
+from shear.kernels.utils import MaskedLayer, autocast_inputs, check_launchable, dot_flags
 
 _LOG2E = 1.4426950408889634
 #: Largest head dimension the kernels take (block sizes are tuned for <= 128).
@@ -670,6 +670,7 @@ def shear_causal_attention(
     Examples:
         >>> out = shear_causal_attention(q, k, v, q.shape[-1] ** -0.5, head_mask=z_head)  # doctest: +SKIP
     """
+    q, k, v = autocast_inputs(q, k, v)
     return MaskedAttentionFunction.apply(q, k, v, scaling, head_mask)
 
 

@@ -61,7 +61,7 @@ from torch import nn
 
 from shear import dispatch
 from shear.kernels.heuristics import gemm_config
-from shear.kernels.utils import MaskedLayer, check_launchable, dot_flags, ensure_contiguous
+from shear.kernels.utils import MaskedLayer, autocast_inputs, check_launchable, dot_flags, ensure_contiguous
 
 __all__ = [
     "MaskedLinearFunction",
@@ -758,6 +758,7 @@ def shear_masked_linear(
     Example:
         >>> y = shear_masked_linear(context, o_proj.weight, None, m_in=head_mask)  # one entry per head
     """
+    x, weight, bias = autocast_inputs(x, weight, bias)
     return MaskedLinearFunction.apply(x, weight, bias, m_in, m_out)
 
 

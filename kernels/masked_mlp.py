@@ -56,7 +56,7 @@ from shear.kernels.masked_linear import (
     masked_linear_backward_weight,
     masked_linear_forward,
 )
-from shear.kernels.utils import MaskedLayer, check_launchable, dot_flags, ensure_contiguous
+from shear.kernels.utils import MaskedLayer, autocast_inputs, check_launchable, dot_flags, ensure_contiguous
 
 __all__ = [
     "MaskedSwiGLUMLPFunction",
@@ -476,6 +476,9 @@ def shear_masked_swiglu_mlp(
         >>> out = shear_masked_swiglu_mlp(x, mlp.gate_proj.weight, mlp.up_proj.weight,
         ...                               mlp.down_proj.weight, m_int=z_int, m_out=z_hidden)
     """
+    x, gate_weight, up_weight, down_weight, gate_bias, up_bias, down_bias = autocast_inputs(
+        x, gate_weight, up_weight, down_weight, gate_bias, up_bias, down_bias
+    )
     args = (x, gate_weight, up_weight, down_weight, m_int, m_out, gate_bias, up_bias, down_bias)
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)):
         # Inference: no autograd node, and a, b are never written (only h and the output).

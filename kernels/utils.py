@@ -55,6 +55,23 @@ def dot_flags(dtype: torch.dtype) -> dict[str, Any]:
     )
 
 
+def autocast_inputs(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """The operands of a matmul-like op as autocast would hand them to it.
+
+    Custom autograd Functions are invisible to ``torch.autocast``: under it, the ops these
+    kernels replace (``F.linear``, SDPA) run in the autocast dtype, and their inputs arrive
+    in mixed dtypes (fp32 weights, bf16 activations; RoPE even promotes q and k to fp32).
+    So the functional APIs cast their floating operands to the autocast dtype first, when
+    autocast is on for the operands' device. The casts are differentiable: gradients reach
+    the fp32 originals in fp32.
+    """
+    first = next((t for t in tensors if t is not None), None)
+    if first is None or not torch.is_autocast_enabled(first.device.type):
+        return list(tensors)
+    dtype = torch.get_autocast_dtype(first.device.type)
+    return [t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors]
+
+
 def check_launchable(*tensors: torch.Tensor | None) -> None:
     """Raise a clear error unless the tensors can run through the Triton kernels.
 
