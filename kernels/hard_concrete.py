@@ -32,7 +32,6 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
-from torch import nn
 
 from shear.kernels.heuristics import ELEMENTWISE_BLOCK
 from shear.kernels.utils import check_launchable, ensure_contiguous
@@ -439,50 +438,3 @@ def deterministic_masks(log_alphas: Sequence[torch.Tensor], keeps: Sequence[int]
         return []
     soft = _split(shear_soft_mask(_concat(log_alphas)), log_alphas)
     return [s * keep_topk(la, k) for s, la, k in zip(soft, log_alphas, keeps, strict=True)]
-
-
-# --------------------------------------------------------------------------------------
-# module
-# --------------------------------------------------------------------------------------
-
-
-class HardConcreteSampler(nn.Module):
-    """Samples every mask in one launch; holds only a seed and a stream offset.
-
-    Each forward advances the offset by the number of units sampled, so successive
-    micro-batches get fresh, non-overlapping noise, and a sampler rebuilt with the same seed
-    (or restored from a state dict, which carries seed and offset) replays the same masks.
-
-    Args:
-        seed: Philox seed; None draws one from torch's default generator (so
-            ``torch.manual_seed`` makes it reproducible).
-    """
-
-    def __init__(self, seed: int | None = None):
-        super().__init__()
-        if seed is None:
-            seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-        self.seed = int(seed)
-        self.offset = 0
-
-    def forward(self, log_alphas: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Sample the masks and advance the offset.
-
-        Args:
-            log_alphas: mask parameters (one dtype and device).
-
-        Returns:
-            One sampled mask per log_alpha, same shapes.
-        """
-        out = sample_all(log_alphas, self.seed, self.offset)
-        self.offset += sum(la.numel() for la in log_alphas)
-        return out
-
-    def get_extra_state(self) -> dict[str, int]:
-        return {"seed": self.seed, "offset": self.offset}
-
-    def set_extra_state(self, state: dict[str, int]) -> None:
-        self.seed, self.offset = int(state["seed"]), int(state["offset"])
-
-    def extra_repr(self) -> str:
-        return f"seed={self.seed}, offset={self.offset}"

@@ -218,33 +218,6 @@ def test_deterministic_masks_match_reference(dtype: torch.dtype):
         K.deterministic_masks(las, keeps[:-1])
 
 
-def test_sampler_module_advances_and_restores():
-    las = [_log_alpha(n, torch.float32, seed=n).requires_grad_(True) for n in (7, 33)]
-    sampler = K.HardConcreteSampler(seed=99)
-    assert list(sampler.parameters()) == [] and list(sampler.buffers()) == []
-    state = sampler.state_dict()
-    first = sampler(las)
-    assert sampler.offset == 40
-    second = sampler(las)
-    assert sampler.offset == 80
-    assert not torch.equal(first[1], second[1])
-    # Same as the functional call at the matching offsets.
-    assert all(torch.equal(x, y) for x, y in zip(second, K.sample_all(las, 99, 40), strict=True))
-    # A restored sampler replays the stream from where its state was taken.
-    other = K.HardConcreteSampler(seed=1)
-    other.load_state_dict(state)
-    assert (other.seed, other.offset) == (99, 0)
-    replay = other(las)
-    assert all(torch.equal(x, y) for x, y in zip(first, replay, strict=True))
-    # Gradients reach every log_alpha.
-    sum(z.sum() for z in first).backward()
-    assert all(la.grad is not None and torch.isfinite(la.grad).all() for la in las)
-    torch.manual_seed(0)
-    s1 = K.HardConcreteSampler()
-    torch.manual_seed(0)
-    assert K.HardConcreteSampler().seed == s1.seed
-
-
 def test_launchers_write_every_element_into_poisoned_outputs():
     n = 4097
     la = _log_alpha(n, torch.float32, seed=0)
