@@ -359,8 +359,15 @@ def sampling_table(records: list[dict], layer_fb: dict[str, float]) -> str:
 
 
 def plot(records: list[dict], out: Path, stem: str, gpu: bool) -> list[Path]:
-    """One PNG per pass (time, and peak memory on GPU): a panel per op, bars per provider over tokens."""
-    import matplotlib
+    """One PNG per pass (time, and peak memory on GPU): a panel per op, bars per provider over tokens.
+
+    None where matplotlib is not installed (a bare GPU host): the JSON holds every number.
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no plots (the JSON has every number)", file=sys.stderr)
+        return []
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
