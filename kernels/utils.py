@@ -66,9 +66,10 @@ def autocast_inputs(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
     the fp32 originals in fp32.
     """
     first = next((t for t in tensors if t is not None), None)
-    if first is None or not torch.is_autocast_enabled(first.device.type):
+    kind = first.device.type if first is not None else None
+    if kind is None or not torch.amp.is_autocast_available(kind) or not torch.is_autocast_enabled(kind):
         return list(tensors)
-    dtype = torch.get_autocast_dtype(first.device.type)
+    dtype = torch.get_autocast_dtype(kind)
     return [t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors]
 
 
