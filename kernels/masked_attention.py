@@ -103,6 +103,23 @@ def _store_rows(head, rows, n_rows, row_stride, tile, HEAD_DIM: tl.constexpr, BL
 
 
 @triton.jit
+def _query_block(start_m, h, S, hm_ptr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(lo, hi, n_load) of query block ``start_m`` of head ``h``: keys [0, lo) lie left of the
+    diagonal, [lo, hi) are the diagonal blocks, rows < n_load are loaded. A skipped head
+    (mask exactly 0) gets empty ranges: it loads nothing and its outputs are written as 0."""
+    lo = start_m * BLOCK_M
+    hi = tl.minimum(lo + BLOCK_M, S)
+    n_load = S
+    if HAS_MASK:
+        keep = tl.load(hm_ptr + h) != 0
+        # Limits of 0, rather than `& keep` on blocks: the interpreter cannot AND a block with a scalar.
+        lo = tl.where(keep, lo, 0)
+        hi = tl.where(keep, hi, 0)
+        n_load = tl.where(keep, S, 0)
+    return lo, hi, n_load
+
+
+@triton.jit
 def _attention_forward_inner(
     acc,
     l_i,
@@ -177,16 +194,7 @@ def _attention_forward_kernel(
     h = bh % H
     g = h // (H // G)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    # Causal: keys [0, lo) lie left of the diagonal, [lo, hi) are the diagonal blocks.
-    lo = start_m * BLOCK_M
-    hi = tl.minimum(lo + BLOCK_M, S)
-    n_load = S  # rows loaded
-    if HAS_MASK:
-        keep = tl.load(hm_ptr + h) != 0
-        # A skipped head visits no key block and loads nothing; its output is written as 0.
-        lo = tl.where(keep, lo, 0)
-        hi = tl.where(keep, hi, 0)
-        n_load = tl.where(keep, S, 0)
+    lo, hi, n_load = _query_block(start_m, h, S, hm_ptr, HAS_MASK, BLOCK_M)
     q_stride = H * HEAD_DIM
     q = _load_rows(
         _head(q_ptr, b, h, S, H, HEAD_DIM), offs_m, n_load, q_stride, HEAD_DIM, BLOCK_D, False, UPCAST
@@ -235,9 +243,7 @@ def _attention_backward_preprocess_kernel(
     b = bh // H
     h = bh % H
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    n_load = S
-    if HAS_MASK:
-        n_load = tl.where(tl.load(hm_ptr + h) != 0, S, 0)
+    _, _, n_load = _query_block(start_m, h, S, hm_ptr, HAS_MASK, BLOCK_M)
     o = _load_rows(
         _head(o_ptr, b, h, S, H, HEAD_DIM), offs_m, n_load, H * HEAD_DIM, HEAD_DIM, BLOCK_D, False, False
     )
@@ -441,14 +447,7 @@ def _attention_backward_dq_kernel(
     h = bh % H
     g = h // (H // G)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    lo = start_m * BLOCK_M
-    hi = tl.minimum(lo + BLOCK_M, S)
-    n_load = S
-    if HAS_MASK:
-        keep = tl.load(hm_ptr + h) != 0
-        lo = tl.where(keep, lo, 0)
-        hi = tl.where(keep, hi, 0)
-        n_load = tl.where(keep, S, 0)
+    lo, hi, n_load = _query_block(start_m, h, S, hm_ptr, HAS_MASK, BLOCK_M)
     q_stride = H * HEAD_DIM
     q = _load_rows(
         _head(q_ptr, b, h, S, H, HEAD_DIM), offs_m, n_load, q_stride, HEAD_DIM, BLOCK_D, False, UPCAST
