@@ -51,17 +51,6 @@ _BETA = tl.constexpr(BETA)
 _LIMIT_L = tl.constexpr(LIMIT_L)
 _LIMIT_R = tl.constexpr(LIMIT_R)
 
-#: When True, launchers allocate their outputs filled with NaN instead of ``torch.empty``
-#: (tests set it so that any element a kernel fails to write shows up).
-POISON_OUTPUTS = False
-
-
-def _empty(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    if POISON_OUTPUTS:
-        return torch.full((n,), float("nan"), dtype=dtype, device=device)
-    return torch.empty(n, dtype=dtype, device=device)
-
-
 # --------------------------------------------------------------------------------------
 # kernels
 # --------------------------------------------------------------------------------------
@@ -169,7 +158,7 @@ def noise_for(seed: int, offset: int, n: int, device: torch.device | str | None 
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    u = _empty(n, torch.float32, torch.device(device))
+    u = torch.empty(n, dtype=torch.float32, device=torch.device(device))
     check_launchable(u)
     if n > 0:
         _noise_kernel[_grid(n)](u, n, int(seed), int(offset), BLOCK=ELEMENTWISE_BLOCK)
@@ -197,7 +186,7 @@ def hard_concrete_forward(
     """
     n = log_alpha.numel()
     if z is None:
-        z = _empty(n, log_alpha.dtype, log_alpha.device)
+        z = torch.empty(n, dtype=log_alpha.dtype, device=log_alpha.device)
     check_launchable(log_alpha, u, z)
     if n > 0:
         _hard_concrete_forward_kernel[_grid(n)](
@@ -230,7 +219,7 @@ def hard_concrete_backward(
     """
     n = log_alpha.numel()
     if dla is None:
-        dla = _empty(n, log_alpha.dtype, log_alpha.device)
+        dla = torch.empty(n, dtype=log_alpha.dtype, device=log_alpha.device)
     check_launchable(dz, log_alpha, u, dla)
     if n > 0:
         _hard_concrete_backward_kernel[_grid(n)](
@@ -252,7 +241,7 @@ def sigmoid_gate_forward(log_alpha: torch.Tensor, scale: float, shift: float) ->
         ``[n]`` in the dtype of ``log_alpha``.
     """
     n = log_alpha.numel()
-    p = _empty(n, log_alpha.dtype, log_alpha.device)
+    p = torch.empty(n, dtype=log_alpha.dtype, device=log_alpha.device)
     check_launchable(log_alpha, p)
     if n > 0:
         _sigmoid_gate_forward_kernel[_grid(n)](
@@ -276,7 +265,7 @@ def sigmoid_gate_backward(
         d log_alpha, ``[n]`` in the dtype of ``log_alpha``.
     """
     n = log_alpha.numel()
-    dla = _empty(n, log_alpha.dtype, log_alpha.device)
+    dla = torch.empty(n, dtype=log_alpha.dtype, device=log_alpha.device)
     check_launchable(dp, log_alpha, dla)
     if n > 0:
         _sigmoid_gate_backward_kernel[_grid(n)](

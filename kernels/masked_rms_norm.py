@@ -37,16 +37,6 @@ from shear import dispatch
 from shear.kernels.heuristics import num_programs, row_config
 from shear.kernels.utils import MaskedLayer, check_launchable, ensure_contiguous
 
-#: When True, launchers allocate their outputs and partial buffers filled with NaN instead of
-#: ``torch.empty`` (tests set it so that any element a kernel fails to write shows up).
-POISON_OUTPUTS = False
-
-
-def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
 
 @triton.jit
 def _masked_rms_norm_forward_kernel(
@@ -145,9 +135,9 @@ def masked_rms_norm_forward(
     n_rows, n_cols = x.shape
     block, num_warps = row_config(n_cols)
     if y is None:
-        y = _empty((n_rows, n_cols), torch.promote_types(x.dtype, weight.dtype), x.device)
+        y = torch.empty((n_rows, n_cols), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     if rstd is None:
-        rstd = _empty((n_rows,), torch.float32, x.device)
+        rstd = torch.empty((n_rows,), dtype=torch.float32, device=x.device)
     check_launchable(x, weight, z, y, rstd)
     if n_rows > 0:
         _masked_rms_norm_forward_kernel[(n_rows,)](
@@ -181,11 +171,11 @@ def masked_rms_norm_backward(
     n_rows, n_cols = x.shape
     block, num_warps = row_config(n_cols)
     if dx is None:
-        dx = _empty((n_rows, n_cols), x.dtype, x.device)
+        dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     programs = num_programs(n_rows, x.device)
     rows_per_program = triton.cdiv(n_rows, programs)
-    dw_part = _empty((programs, n_cols), torch.float32, x.device)
-    dz_part = _empty((programs, n_cols), torch.float32, x.device) if z is not None else None
+    dw_part = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device)
+    dz_part = torch.empty((programs, n_cols), dtype=torch.float32, device=x.device) if z is not None else None
     check_launchable(dy, x, weight, z, rstd, dx)
     if n_rows > 0:
         _masked_rms_norm_backward_kernel[(programs,)](

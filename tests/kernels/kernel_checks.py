@@ -37,22 +37,29 @@ def mask_with_zeros(
     return m
 
 
-class NanEmpty:
-    """Stands in for the torch module inside a kernel module: fresh memory is NaN-filled.
+def poison_allocations(monkeypatch, *modules) -> None:
+    """NaN-fill every float tensor the given kernel modules allocate with ``torch.empty`` /
+    ``torch.empty_like`` (outputs, partial buffers), so an element a kernel never writes shows.
 
-    ``monkeypatch.setattr(kernel_module, "torch", NanEmpty())`` poisons every allocation the
-    launchers make (outputs, partial buffers), so an element a kernel never writes shows.
+    Only those modules see it: their ``torch`` is replaced by a stand-in that forwards
+    everything else to torch.
     """
+    for module in modules:
+        monkeypatch.setattr(module, "torch", _NanEmpty())
 
+
+def _poisoned(t: torch.Tensor) -> torch.Tensor:
+    return t.fill_(float("nan")) if t.is_floating_point() else t
+
+
+class _NanEmpty:
     def __getattr__(self, name):
         return getattr(torch, name)
 
     @staticmethod
-    def empty(*size, **kw):
-        return torch.full(
-            size[0] if len(size) == 1 and not isinstance(size[0], int) else size, float("nan"), **kw
-        )
+    def empty(*args, **kw):
+        return _poisoned(torch.empty(*args, **kw))
 
     @staticmethod
-    def empty_like(t, **kw):
-        return torch.full_like(t, float("nan"), **kw)
+    def empty_like(*args, **kw):
+        return _poisoned(torch.empty_like(*args, **kw))

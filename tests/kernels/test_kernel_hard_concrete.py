@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from kernel_checks import poison_allocations
 
 from shear.kernels import hard_concrete as K
 from shear.ops import hard_concrete as R
@@ -32,7 +33,7 @@ BOUNDARY = 1e-5
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
     """Every launcher output starts as NaN, so an element a kernel does not write shows."""
-    monkeypatch.setattr(K, "POISON_OUTPUTS", True)
+    poison_allocations(monkeypatch, K)
 
 
 def _log_alpha(n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:

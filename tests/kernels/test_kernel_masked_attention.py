@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_checks import poison_allocations
 from torch import nn
 from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
@@ -38,17 +39,6 @@ def _fwd_bwd(fn, q, k, v, do, scaling, head_mask):
     out = fn(*leaves, scaling, head_mask)
     dq, dk, dv = torch.autograd.grad(out, leaves, do)
     return out.detach(), dq, dk, dv
-
-
-def _poison_allocations(monkeypatch):
-    """Every float tensor torch.empty / empty_like hands out is NaN, so a missed element shows."""
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-
-    def poison(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(real_empty(*a, **kw)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(real_empty_like(*a, **kw)))
 
 
 def _head_mask(H, G, kind, seed):
@@ -106,7 +96,7 @@ SHAPES = [
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("mask_kind", ["none", "zeros"])
 def test_float64_forward_and_gradients(shape, mask_kind, monkeypatch):
-    _poison_allocations(monkeypatch)
+    poison_allocations(monkeypatch, ma)
     B, H, G, S, D = shape
     q, k, v, do = _inputs(*shape, torch.float64, seed=sum(shape))
     hm = _head_mask(H, G, mask_kind, seed=S)
@@ -127,7 +117,7 @@ def test_float64_forward_and_gradients(shape, mask_kind, monkeypatch):
 
 
 def test_skipped_heads_are_never_read(monkeypatch):
-    _poison_allocations(monkeypatch)
+    poison_allocations(monkeypatch, ma)
     B, H, G, S, D = 1, 6, 2, 33, 16
     q, k, v, do = _inputs(B, H, G, S, D, torch.float64, seed=4)
     hm = _head_mask(H, G, "zeros", seed=1)
@@ -189,7 +179,7 @@ def test_low_precision_against_float64(dtype, tol, shape):
 def test_launchers_fill_poisoned_outputs_in_any_input_layout(monkeypatch):
     """q, k, v in Hugging Face's layout are read in place, others are copied into it; every
     output element is written either way (allocations poisoned)."""
-    _poison_allocations(monkeypatch)
+    poison_allocations(monkeypatch, ma)
     B, H, G, S, D = 2, 6, 2, 33, 16
     q, k, v, do = _inputs(B, H, G, S, D, torch.float32, seed=5)
     hm = _head_mask(H, G, "zeros", seed=3)
@@ -220,7 +210,7 @@ def test_unequal_block_sizes_as_on_a_gpu(shape, monkeypatch):
         )
 
     monkeypatch.setattr(ma, "attention_config", unequal)
-    _poison_allocations(monkeypatch)
+    poison_allocations(monkeypatch, ma)
     B, H, G, S, D = shape
     q, k, v, do = _inputs(*shape, torch.float64, seed=S + D)
     hm = _head_mask(H, G, "zeros", seed=5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_checks import poison_allocations
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from shear.kernels import masked_rms_norm as K
@@ -32,7 +33,7 @@ TOL = {
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
     """Every output and partial buffer starts as NaN, so an element a kernel does not write shows."""
-    monkeypatch.setattr(K, "POISON_OUTPUTS", True)
+    poison_allocations(monkeypatch, K)
 
 
 def _mask(d: int, kind: str, seed: int) -> torch.Tensor | None:
