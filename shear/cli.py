@@ -689,17 +689,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except ShearError as e:
+        _close_progress_bars()
         print(f"shear: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a write not put into words where it happened
         from shear.errors import describe_write_error
 
+        _close_progress_bars()
         where = f" ({e.filename})" if e.filename else ""
         print(f"shear: error: {describe_write_error(e)}{where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        _close_progress_bars()
         print("shear: interrupted (a run continues with --resume from its last checkpoint)", file=sys.stderr)
         return 130
+
+
+def _close_progress_bars() -> None:
+    """End a run's progress bar, so that the error gets a line of its own."""
+    std = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(std, "tqdm", None), "_instances", ())):
+        bar.close()
 
 
 if __name__ == "__main__":

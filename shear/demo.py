@@ -56,8 +56,10 @@ def run_demo(
 
     out = Path(out)
     # bad budgets (e.g. --prune-steps 0) fail before any work
-    PruneConfig(model=model, target=target, data="", out="", **budget["prune"]).check()
-    TrainConfig(model=model, data="", out="", **budget["train"]).check()
+    PruneConfig(
+        model=model, target=target, data="", out="", num_workers=num_workers, **budget["prune"]
+    ).check()
+    TrainConfig(model=model, data="", out="", num_workers=num_workers, **budget["train"]).check()
     if data is None:
         from shear.corpus import build_default_corpus, format_manifest
 

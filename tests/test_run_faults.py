@@ -360,3 +360,67 @@ def test_export_command_writes_the_same_bytes_as_the_run(runs, tiny_source, tmp_
     assert "--backend applies to pruning runs" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "mine")]) == 2
     assert "holds no shear run" in capsys.readouterr().err
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs mounted in the test's folder, and a function that resizes it (root only)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True, text=True
+    )
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+
+    def resize(nbytes: int) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={nbytes}", str(disk)], check=True)
+
+    yield disk, resize
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_full_disk_loses_nothing_and_says_what_was_kept(runs, tiny_source, data_dir, small_disk, capsys):
+    disk, resize = small_disk
+    run = disk / "run"
+    c = (runs / "stopped" / "checkpoint.pt").stat().st_size  # the size of every checkpoint of this run
+    argv = _prune(tiny_source, data_dir, run)
+
+    def fails_with(*messages: str) -> None:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("shear: error: ") and all(m in last for m in messages), err[-3000:]
+        assert not [p.name for p in run.iterdir() if p.name.startswith(".") and p.name != ".lock"]
+        assert all(line.endswith("}") for line in (run / "log.jsonl").read_text().splitlines())
+
+    resize(c // 2)  # the first checkpoint does not fit
+    fails_with(
+        "writing checkpoint", "failed: the disk is full (No space left on device); there is no checkpoint yet"
+    )
+    assert not (run / "checkpoint.pt").exists()
+
+    resize(c * 3 // 2)  # the first fits; the second needs room beside it and does not
+    fails_with("the disk is full", f"the checkpoint of step 2 is kept: {run / 'checkpoint.pt'}")
+    assert load(run / "checkpoint.pt")["step"] == 2
+
+    resize(200 << 20)  # space freed: the run continues, each step logged once
+    argv = ["prune", "--out", str(run), "--resume"]
+    assert main(argv) == 0
+    assert _steps(run) == [1, 2, 3, 4] and (run / "export" / "model.safetensors").is_file()
+    export = _tree(run / "export")
+
+    import shutil as _shutil
+
+    resize(_shutil.disk_usage(disk).used + (1 << 20))  # no room for another export
+    argv = ["export", str(run)]
+    fails_with(
+        "writing the export to", "the disk is full", "the previous one is kept; nothing partial is left"
+    )
+    assert _tree(run / "export") == export
+    argv = ["export", str(run), "--out", str(disk / "copy")]
+    assert main(argv) == 2
+    assert "there was none before; nothing partial is left" in capsys.readouterr().err
+    assert sorted(p.name for p in disk.iterdir()) == ["run"]
