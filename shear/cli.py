@@ -340,7 +340,9 @@ def _cmd_reference_losses(args: argparse.Namespace) -> int:
         print(f"shear: warning: {w}", file=sys.stderr)
     text = json.dumps(result, indent=2)
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        from shear.checkpoint import write_text_atomic
+
+        write_text_atomic(args.out, text + "\n")
         print(f"reference losses written to {args.out} (pass it to --reference-losses)", file=sys.stderr)
     print(text)
     return 0

@@ -188,6 +188,14 @@ def check_output_folder(
         )
 
 
+def contents(out: str | os.PathLike) -> list[str]:
+    """What a folder holds besides a run lock and the leftovers of killed writes (sorted names)."""
+    out = Path(out)
+    if not out.is_dir():
+        return []
+    return sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE and not LEFTOVER.match(p.name))
+
+
 def clean_leftovers(out: str | os.PathLike) -> list[str]:
     """Remove what killed writes left in a run folder (and in its ``plots/``).
 

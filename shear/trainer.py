@@ -47,6 +47,7 @@ from shear.runfolder import (
     changed_options,
     check_output_folder,
     clean_leftovers,
+    contents,
     read_run_config,
     write_run_config,
 )
@@ -265,8 +266,8 @@ def open_run_folder(cfg: TrainConfig) -> RunLock:
     check_output_folder(out, cfg.input_paths())
     if out.exists() and not out.is_dir():
         raise ShearError(f"--out {out} is a file, not a folder")
-    if not cfg.resume and out.is_dir() and any(out.iterdir()) and read_run_config(out) is None:
-        shown = ", ".join(sorted(p.name for p in out.iterdir())[:5])
+    if not cfg.resume and contents(out) and read_run_config(out) is None:
+        shown = ", ".join(contents(out)[:5])
         raise ShearError(
             f"--out {out} is not empty and holds no shear run ({shown}...); choose a new or empty folder"
         )
