@@ -2,8 +2,9 @@
 
 For a run ended with ``--no-export`` or ``--stop-after``, or to export again with another
 backend or shard size. The run's task is rebuilt from its recorded options exactly as the
-run built it, the checkpoint restored into it, and the task's own ``export`` called: the
-function a run calls at its end, so the files are the same bytes (a pruning run: the
+run built it, the checkpoint's weights (and masks) restored into it, and the task's own
+``export`` called: the function a run calls at its end, so the files are the same bytes
+(``shear_export.json`` records the backend and thread count it used) (a pruning run: the
 finalized model, see :func:`shear.export.export_pruned`; continued pre-training: the
 model saved with ``save_pretrained``). The folder is written under a temporary name and
 renamed into place.
@@ -25,6 +26,7 @@ from shear.runfolder import (
     CHECKPOINT_FILE,
     RunLock,
     check_output_folder,
+    clean_leftovers,
     hold_run_lock,
     read_run_config,
     recorded_options,
@@ -107,6 +109,7 @@ def export_run(
         raise ShearError("--backend applies to pruning runs; a training run saves with save_pretrained")
     if Path(os.path.realpath(run_dir)) in Path(os.path.realpath(dest)).parents:
         RunLock.acquire(run_dir)  # it writes into the run folder: not while a run uses it
+        clean_leftovers(run_dir)
     state = load(run_dir / CHECKPOINT_FILE)
 
     model, tokenizer = load_source(cfg.model)
@@ -121,10 +124,14 @@ def export_run(
         from shear.train import TrainTask
 
         task = TrainTask(cfg, model)
-    check_checkpoint_fits(state, task, run_dir / CHECKPOINT_FILE)
+    # the weights and, for pruning, the masks: the optimiser and RNG states play no part (and
+    # a GPU run's generator state would not fit a CPU generator)
+    keys = ("masks",) if task_name == "prune" else ()
+    check_checkpoint_fits(state, task, run_dir / CHECKPOINT_FILE, keys)
     try:
         model.load_state_dict(state["model"])
-        task.load_state_dict(state["task"])
+        if task_name == "prune":
+            task.masks.load_state_dict(state["task"]["masks"])
     except (KeyError, ValueError, RuntimeError, TypeError) as e:
         raise ShearError(f"{run_dir / CHECKPOINT_FILE} does not fit its run ({type(e).__name__}: {e})") from e
     options: dict[str, Any] = {}

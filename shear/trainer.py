@@ -587,10 +587,18 @@ def _kept(ctx: RunContext, last_good: int | None) -> str:
     return "there is no checkpoint yet"
 
 
-def check_checkpoint_fits(state: dict[str, Any], task: Task, path: Path) -> None:
+def check_checkpoint_fits(
+    state: dict[str, Any], task: Task, path: Path, task_keys: tuple[str, ...] | None = None
+) -> None:
     """Raise ShearError, saying why, unless ``state`` is a checkpoint of a run like ``task``'s:
     the same task (prune or train), model class and tensor names and shapes (which fixes
     the architecture, the head layout and the mask types).
+
+    Args:
+        state: the loaded checkpoint.
+        task: the task it is to be restored into.
+        path: the checkpoint's file, for the message.
+        task_keys: compare only these entries of the task state (None: all of it).
     """
     meta = state.get("meta") or {}
     problems = []
@@ -599,8 +607,15 @@ def check_checkpoint_fits(state: dict[str, Any], task: Task, path: Path) -> None
     if meta.get("model", type(task.model).__name__) != type(task.model).__name__:
         problems.append(f"its model is a {meta['model']}, this run's is a {type(task.model).__name__}")
     if not problems:
-        for part, current in (("model", task.model.state_dict()), ("task", task.state_dict())):
-            problems += _shape_differences(part, state.get(part), current)
+        current_task, saved_task = task.state_dict(), state.get("task")
+        if task_keys is not None and isinstance(saved_task, dict):
+            current_task = {k: current_task[k] for k in task_keys}
+            saved_task = {k: saved_task.get(k) for k in task_keys}
+        for part, saved, current in (
+            ("model", state.get("model"), task.model.state_dict()),
+            ("task", saved_task, current_task),
+        ):
+            problems += _shape_differences(part, saved, current)
     if problems:
         raise ShearError(f"--resume: the checkpoint {path} does not fit this run: {'; '.join(problems)}")
 
