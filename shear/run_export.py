@@ -22,6 +22,7 @@ import torch
 
 from shear.checkpoint import load
 from shear.errors import ShearError
+from shear.export import parse_size
 from shear.runfolder import (
     CHECKPOINT_FILE,
     RunLock,
@@ -105,6 +106,7 @@ def export_run(
     default = run_dir / DEFAULT_FOLDER[task_name]
     dest = Path(out) if out is not None else default
     _check_destination(dest, run_dir, default, cfg.input_paths())
+    shard_bytes = None if max_shard_size is None else parse_size(max_shard_size)
     if task_name == "train" and backend is not None:
         raise ShearError("--backend applies to pruning runs; a training run saves with save_pretrained")
     if Path(os.path.realpath(run_dir)) in Path(os.path.realpath(dest)).parents:
@@ -137,8 +139,8 @@ def export_run(
     options: dict[str, Any] = {}
     if backend is not None:
         options["backend"] = backend
-    if max_shard_size is not None:
-        options["max_shard_size"] = max_shard_size
+    if shard_bytes is not None:
+        options["max_shard_size"] = shard_bytes
     folder = task.export(dest, tokenizer, **options)
     step = int(state["step"])
     if step < cfg.steps:
