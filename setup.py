@@ -13,7 +13,7 @@ import hashlib
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GATHER_SOURCE = os.path.join("csrc", "gather.cpp")
@@ -59,6 +59,18 @@ def _extension_args():
     return {"ext_modules": [ext], "cmdclass": {"build_ext": OptionalBuildExtension}}
 
 
+def _packages() -> tuple[list[str], dict[str, str]]:
+    """Every package under ``shear/`` and ``kernels/`` (as ``shear.kernels``), found, never listed
+    by hand; ``csrc/`` rides along as ``shear.csrc`` so that an installed shear can compile the
+    extension on first use (see shear.extension.source_path)."""
+    packages = ["shear"] + [f"shear.{p}" for p in find_packages("shear")]
+    packages += ["shear.kernels"] + [f"shear.kernels.{p}" for p in find_packages("kernels")]
+    package_dir = {"shear": "shear", "shear.kernels": "kernels", "shear.csrc": "csrc"}
+    return packages + ["shear.csrc"], package_dir
+
+
+PACKAGES, PACKAGE_DIR = _packages()
+
 setup(
     name="shear",
     version="0.1.0",
@@ -68,9 +80,9 @@ setup(
     python_requires=">=3.10",
     # ``kernels/`` must never install as a top-level ``kernels`` module: that name
     # belongs to Hugging Face's kernels package, which transformers probes.
-    packages=["shear", "shear.ops", "shear.kernels"],
-    package_dir={"shear": "shear", "shear.kernels": "kernels"},
-    package_data={"shear": ["py.typed"]},
+    packages=PACKAGES,
+    package_dir=PACKAGE_DIR,
+    package_data={"shear": ["py.typed"], "shear.csrc": ["*.cpp"]},
     install_requires=[
         "torch",
         "triton",

@@ -2,13 +2,18 @@
 
 A kill or a full disk during :func:`write_atomic` / :func:`save_atomic` leaves the previous
 file intact and no partial one behind; :func:`atomic_dir` does the same for whole folders
-(exports, saved models). :func:`load` uses ``torch.load(weights_only=True)``, so a
-checkpoint holds only tensors, numbers, strings and containers of them.
+(exports, saved models). A kill can leave the temporary names behind (``.NAME.XXXXXXXX.tmp``,
+``.NAME.tmp-XXXXXXXX``, ``.NAME.old-XXXXXXXX``): :data:`LEFTOVER` matches exactly those, and
+:mod:`shear.runfolder` removes them when a run folder is next opened. Failed writes raise
+:class:`~shear.errors.ShearError` saying whether the disk was full and what was kept.
+:func:`load` uses ``torch.load(weights_only=True)``, so a checkpoint holds only tensors,
+numbers, strings and containers of them.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -18,7 +23,10 @@ from typing import Any, BinaryIO
 
 import torch
 
-from shear.errors import ShearError
+from shear.errors import ShearError, disk_full, write_failed
+
+#: Names the temporary files and folders of this module take (tempfile's 8 random characters).
+LEFTOVER = re.compile(r"^\..+\.(?:[a-z0-9_]{8}\.tmp|(?:tmp|old)-[a-z0-9_]{8})$")
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> Path:
@@ -51,12 +59,14 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> P
     return path
 
 
-def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
+def save_atomic(obj: Any, path: str | os.PathLike, kept: str | None = None) -> Path:
     """Save ``obj`` with ``torch.save`` to ``path`` atomically.
 
     Args:
         obj: a state dict of tensors, numbers, strings, lists and dicts.
         path: destination file; its folder is created.
+        kept: what survives a failed write, for the message (default: says whether a
+            previous ``path`` is kept or there was none).
 
     Returns:
         The path.
@@ -64,10 +74,32 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
     Raises:
         ShearError: the write failed (e.g. the disk is full); the old file is untouched.
     """
+    path = Path(path)
+    if kept is None:
+        kept = "the previous checkpoint is kept" if path.exists() else "there is no previous checkpoint"
     try:
         return write_atomic(path, lambda f: torch.save(obj, f))
     except (OSError, RuntimeError) as e:
-        raise ShearError(f"writing checkpoint {path} failed ({e}); the previous one is kept") from e
+        raise write_failed(f"checkpoint {path}", e, kept) from e
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (reports, plots, small JSON files).
+
+    Raises:
+        ShearError: the write failed; an old ``path`` is untouched and nothing partial is left.
+    """
+    path = Path(path)
+    try:
+        return write_atomic(path, lambda f: f.write(data))
+    except OSError as e:
+        kept = f"the previous {path.name} is kept" if path.exists() else "nothing was written"
+        raise write_failed(path, e, kept) from e
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write UTF-8 ``text`` to ``path`` atomically (see :func:`write_bytes_atomic`)."""
+    return write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def process_alive(pid: int) -> bool:
@@ -84,11 +116,35 @@ def process_alive(pid: int) -> bool:
 
 
 def load(path: str | os.PathLike) -> Any:
-    """Load a checkpoint written by :func:`save_atomic` (``weights_only=True``)."""
+    """Load a checkpoint written by :func:`save_atomic` (``weights_only=True``).
+
+    Raises:
+        ShearError: no such file, or it is damaged (cut short, overwritten) or not a shear
+            checkpoint (including a pickle that ``weights_only`` refuses: nothing in it ran).
+    """
     path = Path(path)
     if not path.is_file():
         raise ShearError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 (zip, pickle and EOF errors of a damaged file: any of them)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ShearError(
+            f"checkpoint {path} cannot be read: it is damaged or not a shear checkpoint "
+            f"({type(e).__name__}: {first[:200]})"
+        ) from e
+    if not isinstance(state, dict) or "step" not in state:
+        raise ShearError(f"checkpoint {path} is not a shear checkpoint (no step in it)")
+    return state
+
+
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    """The step of a checkpoint, read without loading its tensors (memory-mapped), or None when
+    it cannot be read (:func:`load` then says why)."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
+    except Exception:  # noqa: BLE001 (damaged: reported by load)
+        return None
 
 
 def replace_dir(tmp: Path, out: Path) -> None:
@@ -127,18 +183,23 @@ def atomic_dir(out: str | os.PathLike, what: str = "the folder") -> Iterator[Pat
         replace_dir(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise ShearError(f"writing {what} to {out} failed: {e}") from e
+        # tokenizers and safetensors report a full disk as their own exception types
+        if isinstance(e, OSError) or (isinstance(e, Exception) and disk_full(e)):
+            kept = "the previous one is kept" if out.exists() else "there was none before"
+            raise write_failed(f"{what} to {out}", e, kept + "; nothing partial is left") from e
         raise
 
 
-def save_model_atomic(model: Any, out: str | os.PathLike, tokenizer: Any = None) -> Path:
+def save_model_atomic(
+    model: Any, out: str | os.PathLike, tokenizer: Any = None, max_shard_size: int | str | None = None
+) -> Path:
     """``save_pretrained`` (safetensors) into a temporary folder beside ``out``, then rename it to ``out``.
 
     Args:
         model: a Hugging Face model.
         out: destination folder (replaced if it exists).
         tokenizer: saved alongside when given.
+        max_shard_size: passed to ``save_pretrained`` when given (else its default).
 
     Returns:
         The folder.
@@ -147,7 +208,8 @@ def save_model_atomic(model: Any, out: str | os.PathLike, tokenizer: Any = None)
         ShearError: the write failed; nothing partial is left and an old ``out`` is kept.
     """
     with atomic_dir(out, "the model") as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        shards = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+        model.save_pretrained(tmp, safe_serialization=True, **shards)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(out)

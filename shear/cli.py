@@ -15,6 +15,12 @@ plots (see :mod:`shear.prune`).
 ``shear train --model M --data DATA --out RUN_DIR [--dynamic | --fixed] [--reference-losses R]``:
 continued pre-training with dynamic batch loading (see :mod:`shear.train`).
 
+``shear prune|train --out RUN_DIR --resume [options]``: continue a run from its checkpoint
+with its recorded options; options given again must not change what cannot change.
+
+``shear export RUN_DIR [--out DIR] [--backend B] [--max-shard-size S]``: write a run's
+model from its checkpoint (see :mod:`shear.run_export`).
+
 ``shear reference-losses (--points FILE ... | --models M ... --data DATA) --target SIZE``: fit
 ``L(N) = a / N^b + c`` per domain and predict the reference losses at the target size.
 
@@ -26,7 +32,8 @@ packages, cached, with a MANIFEST of sources and licences).
 ``shear demo [--out DIR]``: the main job on the embedded default model: default corpus,
 prune, continued pre-training, export, per-domain evaluation.
 
-Errors in the input print one line (``shear: error: ...``) and exit with status 2.
+Errors in the input print one line (``shear: error: ...``) and exit with status 2; a
+failed write (a full disk) the same way, saying what was kept.
 """
 
 from __future__ import annotations
@@ -160,26 +167,36 @@ _OPTION_HELP = {
 
 
 def _add_run_options(p: argparse.ArgumentParser, config: type, defaults: dict[str, Any]) -> None:
-    """Options generated from a run config's fields, so names, types and defaults live in one place."""
+    """Options generated from a run config's fields, so names, types and defaults live in one place.
+
+    Options left out are absent from the parsed namespace (``argparse.SUPPRESS``): a fresh
+    run takes the config's defaults, a resume the run's recorded values.
+    """
     loading = p.add_mutually_exclusive_group()
     loading.add_argument(
         "--dynamic",
         dest="dynamic",
         action="store_true",
-        default=defaults.get("dynamic", True),
+        default=argparse.SUPPRESS,
         help="dynamic batch loading: move the domain weights toward the domains furthest above "
         "their reference loss (the default)",
     )
     loading.add_argument(
-        "--fixed", dest="dynamic", action="store_false", help="keep the initial domain weights (baseline)"
+        "--fixed",
+        dest="dynamic",
+        action="store_false",
+        default=argparse.SUPPRESS,
+        help="keep the initial domain weights (baseline)",
     )
     p.add_argument(
         "--reference-losses",
+        default=argparse.SUPPRESS,
         help="reference loss per domain: a JSON object or file, e.g. from `shear reference-losses` "
         "(pruning's default, a documented fallback: the source model's measured losses)",
     )
     p.add_argument(
         "--domain-weights",
+        default=argparse.SUPPRESS,
         help='initial domain weights, a JSON object or file (default: equal), e.g. {"code": 2}',
     )
     for f in dataclasses.fields(config):
@@ -191,7 +208,7 @@ def _add_run_options(p: argparse.ArgumentParser, config: type, defaults: dict[st
         p.add_argument(
             "--" + f.name.replace("_", "-"),
             type=kind,
-            default=default,
+            default=argparse.SUPPRESS,
             help=f"{_OPTION_HELP[f.name]} (default: {default})",
         )
 
@@ -216,14 +233,34 @@ def read_domain_values(text: str | None, what: str = "--reference-losses") -> di
     return {str(k): float(v) for k, v in data.items()}
 
 
-def _run_config(config: type, args: argparse.Namespace, **fixed: Any) -> Any:
-    names = {f.name for f in dataclasses.fields(config)}
-    values = {k: getattr(args, k) for k in _OPTION_HELP if k in names}
-    values["dynamic"] = args.dynamic
-    values["reference_losses"] = read_domain_values(args.reference_losses)
-    values["domain_weights"] = read_domain_values(args.domain_weights, "--domain-weights")
-    values.update(fixed)
-    return config(**values)
+def _run_config(config: type, args: argparse.Namespace, required: Sequence[str]) -> Any:
+    """A run's config from the options given; a resume starts from the run's recorded options.
+
+    Raises:
+        ShearError: a required option missing from a fresh run; see also
+            :func:`shear.runfolder.recorded_options`.
+    """
+    from shear.runfolder import recorded_options
+
+    fields = {f.name for f in dataclasses.fields(config)}
+    given = {k: v for k, v in vars(args).items() if k in fields}
+    for name, flag in (("reference_losses", "--reference-losses"), ("domain_weights", "--domain-weights")):
+        if name in given:
+            given[name] = read_domain_values(given[name], flag)
+    if getattr(args, "types", None) is not None:
+        given["mask_types"] = args.types
+    given.update(out=args.out, resume=args.resume, export=not args.no_export)
+    if args.resume:
+        recorded = recorded_options(args.out, config.TASK, fields)
+        session = {k: v for k, v in recorded.items() if k not in config.SESSION_OPTIONS}
+        return config(**{**session, **given})
+    missing = [f"--{name}" for name in required if given.get(name) is None]
+    if missing:
+        raise ShearError(
+            f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} required (a --resume reads "
+            "them from the run folder)"
+        )
+    return config(**given)
 
 
 def _print_result(r: dict[str, Any]) -> None:
@@ -241,27 +278,32 @@ def _print_result(r: dict[str, Any]) -> None:
         print(f"perplexity (held out): {ppl}")
 
 
-def _run(args: argparse.Namespace, config: type, runner: Any, **fixed: Any) -> int:
+def _run(args: argparse.Namespace, config: type, runner: Any, required: Sequence[str]) -> int:
     """Build a run's config from the options, run it and print where everything is."""
-    cfg = _run_config(
-        config, args, model=args.model, data=args.data, out=args.out, resume=args.resume,
-        export=not args.no_export, **fixed,
-    )  # fmt: skip
-    _print_result(runner(cfg))
+    _print_result(runner(_run_config(config, args, required)))
     return 0
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
     from shear.prune import PruneConfig, run_prune
 
-    return _run(args, PruneConfig, run_prune, target=args.target, mask_types=args.types)
+    return _run(args, PruneConfig, run_prune, ("model", "target", "data"))
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from shear.train import run_train
     from shear.trainer import TrainConfig
 
-    return _run(args, TrainConfig, run_train)
+    return _run(args, TrainConfig, run_train, ("model", "data"))
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from shear.run_export import export_run
+
+    r = export_run(args.run_dir, args.out, args.backend, args.max_shard_size)
+    print(f"run folder:     {r['run']} (shear {r['task']}, checkpoint of step {r['step']} of {r['steps']})")
+    print(f"model:          {r['out']}")
+    return 0
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
@@ -298,7 +340,9 @@ def _cmd_reference_losses(args: argparse.Namespace) -> int:
         print(f"shear: warning: {w}", file=sys.stderr)
     text = json.dumps(result, indent=2)
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        from shear.checkpoint import write_text_atomic
+
+        write_text_atomic(args.out, text + "\n")
         print(f"reference losses written to {args.out} (pass it to --reference-losses)", file=sys.stderr)
     print(text)
     return 0
@@ -321,6 +365,10 @@ def evaluate_model(
     from shear.evaluation import domain_losses
     from shear.loading import load_source
 
+    for name, value, least in (("--seq-len", seq_len, 2), ("--eval-sequences", eval_sequences, 1),
+                               ("--batch-size", batch_size, 1)):  # fmt: skip
+        if value < least:
+            raise ShearError(f"{name} must be at least {least}, got {value}")
     net, tokenizer = load_source(model)
     if tokenizer is None:
         raise ShearError(f"{model} has no tokenizer; evaluating it needs one to read the data")
@@ -382,9 +430,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from shear.demo import run_demo
 
     budget = {k: dict(v) for k, v in _demo_budget().items()}
-    if args.prune_steps:
+    if args.prune_steps is not None:
         budget["prune"]["steps"] = args.prune_steps
-    if args.train_steps:
+    if args.train_steps is not None:
         budget["train"]["steps"] = args.train_steps
     r = run_demo(args.out, DEMO_TARGET, budget, data=args.data, num_workers=args.num_workers)
     print(f"demo folder:    {r['out']}")
@@ -492,13 +540,32 @@ def build_parser() -> argparse.ArgumentParser:
         "Hugging Face dataset with 'text' and 'domain' columns"
     )
     pp = sub.add_parser("prune", help="learn masks to a target, then export the pruned model and a report")
-    pp.add_argument("--model", required=True, help="source: a model folder or 'default'")
-    pp.add_argument("--target", required=True, help="target sizes or config (as in shear info)")
-    pp.add_argument("--data", required=True, help=data_help)
+    resume_help = (
+        "continue the run in --out from its checkpoint, with its recorded options (options given "
+        "again must equal them, except the session's and --num-workers, --device, --eval-interval, "
+        "--checkpoint-interval)"
+    )
+    pp.add_argument(
+        "--model",
+        default=argparse.SUPPRESS,
+        help="source: a model folder or 'default' (required unless --resume)",
+    )
+    pp.add_argument(
+        "--target",
+        default=argparse.SUPPRESS,
+        help="target sizes or config, as in shear info (required unless --resume)",
+    )
+    pp.add_argument("--data", default=argparse.SUPPRESS, help=data_help + " (required unless --resume)")
     pp.add_argument("--out", required=True, help="run folder (log, checkpoint, export, report)")
-    pp.add_argument("--types", nargs="+", choices=MASK_TYPES, help="mask types to learn")
-    pp.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    pp.add_argument("--no-export", action="store_true", help="skip the export and report at the end")
+    pp.add_argument(
+        "--types", nargs="+", choices=MASK_TYPES, default=argparse.SUPPRESS, help="mask types to learn"
+    )
+    pp.add_argument("--resume", action="store_true", help=resume_help)
+    pp.add_argument(
+        "--no-export",
+        action="store_true",
+        help="skip the export and report at the end (`shear export` later)",
+    )
     from shear.prune import PruneConfig
     from shear.trainer import TrainConfig
 
@@ -508,13 +575,36 @@ def build_parser() -> argparse.ArgumentParser:
     pt = sub.add_parser(
         "train", help="continued pre-training with dynamic batch loading (e.g. of a pruned model)"
     )
-    pt.add_argument("--model", required=True, help="a model folder (e.g. a prune run's export/) or 'default'")
-    pt.add_argument("--data", required=True, help=data_help)
+    pt.add_argument(
+        "--model",
+        default=argparse.SUPPRESS,
+        help="a model folder (e.g. a prune run's export/) or 'default' (required unless --resume)",
+    )
+    pt.add_argument("--data", default=argparse.SUPPRESS, help=data_help + " (required unless --resume)")
     pt.add_argument("--out", required=True, help="run folder (log, checkpoint, model/, report)")
-    pt.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    pt.add_argument("--no-export", action="store_true", help="skip saving the model and the report")
+    pt.add_argument("--resume", action="store_true", help=resume_help)
+    pt.add_argument(
+        "--no-export", action="store_true", help="skip saving the model and the report (`shear export` later)"
+    )
     _add_run_options(pt, TrainConfig, {})
     pt.set_defaults(func=_cmd_train)
+
+    pexp = sub.add_parser(
+        "export",
+        help="write a run's model from its checkpoint (after --no-export or --stop-after, or with "
+        "another backend or shard size)",
+    )
+    pexp.add_argument("run_dir", help="the run folder of a `shear prune` or `shear train` run")
+    pexp.add_argument(
+        "--out", help="destination folder (default: RUN_DIR/export, or RUN_DIR/model for a training run)"
+    )
+    pexp.add_argument(
+        "--backend",
+        choices=("auto", "cpp", "torch"),
+        help="how a pruned export writes its weights (default: auto; see shear doctor)",
+    )
+    pexp.add_argument("--max-shard-size", help="split the weights above this size, e.g. 2GB (default: 5GB)")
+    pexp.set_defaults(func=_cmd_export)
 
     pr = sub.add_parser(
         "reference-losses", help="fit L(N) = a / N^b + c per domain and predict the losses at a target size"
@@ -594,14 +684,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``shear`` console script.
 
     Returns:
-        The exit status: 0 on success, 2 on bad input.
+        The exit status: 0 on success, 2 on bad input or a failed write, 1 on another
+        operating-system error, 130 when interrupted.
     """
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except ShearError as e:
+        _close_progress_bars()
         print(f"shear: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a write not put into words where it happened
+        from shear.errors import describe_write_error
+
+        _close_progress_bars()
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"shear: error: {describe_write_error(e)}{where}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        _close_progress_bars()
+        print("shear: interrupted (a run continues with --resume from its last checkpoint)", file=sys.stderr)
+        return 130
+
+
+def _close_progress_bars() -> None:
+    """End a run's progress bar, so that the error gets a line of its own."""
+    std = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(std, "tqdm", None), "_instances", ())):
+        bar.close()
 
 
 if __name__ == "__main__":

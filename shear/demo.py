@@ -20,7 +20,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from shear.checkpoint import write_text_atomic
 from shear.report import domain_weight_summary, weight_verdict
+from shear.runfolder import LOG_FILE, RunLog
 
 
 def _say(message: str) -> None:
@@ -53,6 +55,11 @@ def run_demo(
     from shear.trainer import TrainConfig
 
     out = Path(out)
+    # bad budgets (e.g. --prune-steps 0) fail before any work
+    PruneConfig(
+        model=model, target=target, data="", out="", num_workers=num_workers, **budget["prune"]
+    ).check()
+    TrainConfig(model=model, data="", out="", num_workers=num_workers, **budget["train"]).check()
     if data is None:
         from shear.corpus import build_default_corpus, format_manifest
 
@@ -86,7 +93,7 @@ def run_demo(
 
 
 def _records(run: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    return list(RunLog(run / LOG_FILE, True).records())
 
 
 def write_demo_report(
@@ -135,6 +142,4 @@ def write_demo_report(
             weight_verdict(s),
             f"Details: [{run.name}/report.md]({run.name}/report.md) and its plots.",
         ]
-    path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_text_atomic(out / "report.md", "\n".join(lines) + "\n")

@@ -75,9 +75,13 @@ class ExtensionStatus:
 
 
 def source_path() -> Path | None:
-    """``csrc/gather.cpp`` next to the package (an editable install or a source tree)."""
-    path = Path(__file__).resolve().parent.parent / "csrc" / SOURCE_NAME
-    return path if path.is_file() else None
+    """``csrc/gather.cpp``: installed with the package (``shear/csrc/``, a wheel) or beside it
+    (an editable install or a source tree)."""
+    here = Path(__file__).resolve().parent
+    for path in (here / "csrc" / SOURCE_NAME, here.parent / "csrc" / SOURCE_NAME):
+        if path.is_file():
+            return path
+    return None
 
 
 def source_hash(path: Path | None = None) -> str | None:
@@ -167,8 +171,8 @@ def extension_status() -> ExtensionStatus:
 def _cannot_build_reason(cxx: str, cxx_path: str | None, ninja: str | None, src: Path | None) -> str:
     if src is None:
         return (
-            "the C++ sources (csrc/gather.cpp) are not installed; install shear from a source "
-            "checkout with `pip install --no-build-isolation -e .`"
+            "the C++ sources (csrc/gather.cpp) are not installed; reinstall shear (its wheel "
+            "carries them as shear/csrc/) or install from a source checkout"
         )
     if cxx_path is None:
         return (

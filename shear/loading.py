@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig, PreTrainedModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -88,6 +90,8 @@ def _read_config_dict(config_file: Path) -> dict[str, Any]:
             data = json.load(f)
     except json.JSONDecodeError as exc:
         raise ShearError(f"{config_file} is not valid JSON: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ShearError(f"{config_file} is not UTF-8 text, so not a JSON config ({exc})") from exc
     except OSError as exc:
         raise ShearError(f"cannot read {config_file}: {exc}") from exc
     if not isinstance(data, dict):
@@ -163,8 +167,9 @@ def load_config(name: str | os.PathLike) -> PreTrainedConfig:
     config_class = CONFIG_MAPPING[model_type]
     try:
         return config_class.from_dict(data)
-    except (TypeError, ValueError, KeyError) as exc:
-        raise ShearError(f"{config_file}: not a valid {config_class.__name__}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 (transformers' validators raise their own types)
+        reason = " ".join(str(exc).split())
+        raise ShearError(f"{config_file}: not a valid {config_class.__name__}: {reason}") from exc
 
 
 def has_weights(folder: Path) -> bool:
@@ -204,8 +209,10 @@ def load_source(
         model = AutoModelForCausalLM.from_pretrained(
             path, config=config, dtype=dtype, trust_remote_code=False
         )
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        raise ShearError(f"could not load the weights in {path}: {exc}") from exc
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError, pickle.UnpicklingError) as exc:
+        # a damaged safetensors file; a pickle that weights_only refused (nothing in it ran)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ShearError(f"could not load the weights in {path}: {type(exc).__name__}: {reason}") from exc
     model.to(device)
     model.eval()
 

@@ -10,31 +10,45 @@ steps by default, as in the paper), checkpoints and resume are the shared traine
 
 Run directory::
 
-    RUN_DIR/config.json           the PruneConfig
+    RUN_DIR/config.json           the PruneConfig (and the task, working directory, version)
     RUN_DIR/log.jsonl             one line per step, evaluation and weight update
     RUN_DIR/checkpoint.pt         latest checkpoint (atomically replaced)
+    RUN_DIR/.lock                 held while a process uses the folder (see shear.runfolder)
     RUN_DIR/reference_losses.json the reference losses dynamic batch loading used
-    RUN_DIR/export/               the pruned Hugging Face model
+    RUN_DIR/export/               the pruned Hugging Face model (`shear export RUN_DIR` rewrites it)
     RUN_DIR/report.md, plots/     the report
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from shear.arch import Arch
+from shear.checkpoint import write_text_atomic
 from shear.data import build_corpus
 from shear.errors import ShearError
+from shear.export import DEFAULT_MAX_SHARD_SIZE
 from shear.lagrangian import Lagrangian, build_optimizer
 from shear.masks import HardConcreteMasks
 from shear.patch import attach_masks
+from shear.runfolder import hold_run_lock
 from shear.target import resolve_target
-from shear.trainer import TrainConfig, evaluate_folder, finish, run_loop, start_run
+from shear.trainer import (
+    TrainConfig,
+    check_rate,
+    evaluate_folder,
+    export_at_end,
+    finish,
+    run_loop,
+    start_run,
+)
 
 
 @dataclass(kw_only=True)
@@ -48,11 +62,15 @@ class PruneConfig(TrainConfig):
     mask_types: list[str] | None = None
     dynamic_interval: int = 50
 
+    TASK: ClassVar[str] = "prune"
+
     def check(self) -> None:
         """Raise ShearError for option values that cannot work."""
         super().check()
+        check_rate("lr_masks", self.lr_masks)
+        check_rate("lr_lambdas", self.lr_lambdas)
         if not 0 <= self.target_warmup <= 1:
-            raise ShearError("target_warmup must be in [0, 1]")
+            raise ShearError(f"target_warmup must be in [0, 1], got {self.target_warmup}")
 
 
 class PruningObjective(nn.Module):
@@ -120,7 +138,24 @@ class PruneTask:
         self.lagrangian.load_state_dict(state["lagrangian"])
         self.gen.set_state(state["mask_rng"])
 
+    def export(
+        self,
+        out: str | os.PathLike,
+        tokenizer: Any = None,
+        backend: str | None = None,
+        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    ) -> Path:
+        """Finalize the masks and write the pruned model to ``out`` (atomically replaced)."""
+        from shear.export import export_pruned
 
+        self.model.eval()
+        return export_pruned(
+            self.model, self.masks, out, tokenizer=tokenizer, overwrite=True, backend=backend,
+            max_shard_size=max_shard_size,
+        )  # fmt: skip
+
+
+@hold_run_lock
 def run_prune(cfg: PruneConfig) -> dict[str, Any]:
     """Run (or resume) a pruning run; returns the paths and final metrics.
 
@@ -131,31 +166,31 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
         ``{"out", "export", "report", "final_eval", "steps", "stopped_early"}``.
 
     Raises:
-        ShearError: bad input, a non-finite loss (the last good checkpoint is kept), or a
-            failed checkpoint write.
+        ShearError: bad input (a target equal to the source among it: said before any work),
+            a non-finite loss or gradient (the last good checkpoint is kept), a failed write,
+            or another process using ``cfg.out``.
     """
-    from shear.loading import load_source  # transformers import
+    from shear.loading import load_config, load_source  # transformers import
 
+    source = Arch.from_config(load_config(cfg.model))
+    target = resolve_target(source, cfg.target)
+    check_prunes(source, target, cfg.model)
     ctx = start_run(cfg)
     model, tokenizer = load_source(cfg.model, device=ctx.device)
     if tokenizer is None:
         raise ShearError(f"{cfg.model} has no tokenizer; shear prune needs one to read --data")
-    source = Arch.from_config(model.config)
-    target = resolve_target(source, cfg.target)
     corpus = build_corpus(
         cfg.data, tokenizer, cfg.seq_len, cfg.eval_sequences, cfg.max_train_sequences, log=ctx.say
     )
-    gen = torch.Generator(device=ctx.device).manual_seed(cfg.seed)
-    masks = HardConcreteMasks(source, target, cfg.mask_types, generator=gen).to(ctx.device)
     # the source's losses, measured before the masks go in: the report's baseline and the
     # documented fallback reference for dynamic batch loading
     source_eval = None if cfg.resume else ctx.evaluate(model, corpus)
-    task = PruneTask(cfg, model, masks, gen)
+    task = build_task(cfg, model, source, target, ctx.device)
     loop, extra = run_loop(ctx, task, corpus, source_eval, {"source_eval": source_eval})
     source_eval = extra["source_eval"]
     reference = loop.reference or source_eval
     if ctx.main and reference is not None:
-        (ctx.out / "reference_losses.json").write_text(json.dumps(reference, indent=2) + "\n")
+        write_text_atomic(ctx.out / "reference_losses.json", json.dumps(reference, indent=2) + "\n")
     result = {
         "out": str(ctx.out),
         "steps": loop.steps,
@@ -167,18 +202,40 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
     if loop.stopped_early:  # resume later with --resume
         return result
     if ctx.main and cfg.export:
-        from shear.export import export_pruned
         from shear.report import write_report
 
-        model.eval()
-        export_dir = export_pruned(model, masks, ctx.out / "export", tokenizer=tokenizer, overwrite=True)
+        export_dir = export_at_end(ctx, task, ctx.out / "export", tokenizer)
         exported_eval = evaluate_folder(export_dir, corpus, cfg.batch_size, ctx.device)
         result["export"] = str(export_dir)
         evals = {"source": source_eval, "masked": loop.final_eval, "exported": exported_eval}
-        (ctx.out / "evals.json").write_text(json.dumps(evals, indent=2) + "\n")
+        write_text_atomic(ctx.out / "evals.json", json.dumps(evals, indent=2) + "\n")
         records = list(ctx.log.records())
         result["report"] = str(
             write_report(ctx.out, cfg, source, target, records, source_eval, loop.final_eval, exported_eval)
         )
     finish(ctx)
     return result
+
+
+def check_prunes(source: Arch, target: Arch, model: str) -> None:
+    """Raise ShearError when the target equals the source: there would be nothing to prune."""
+    if target == source:
+        raise ShearError(
+            f"the target equals the source {model} ({source.layers} layers, hidden {source.hidden}, "
+            f"{source.heads} heads in {source.kv_heads} KV groups, intermediate {source.intermediate}): "
+            f"there is nothing to prune; give smaller sizes (`shear info {model} --target ...` shows what "
+            "a target removes)"
+        )
+
+
+def build_task(
+    cfg: PruneConfig, model: nn.Module, source: Arch, target: Arch, device: torch.device
+) -> PruneTask:
+    """The pruning task of a run (a run and ``shear export`` build it the same way).
+
+    Returns:
+        The task, its masks attached to ``model``.
+    """
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    masks = HardConcreteMasks(source, target, cfg.mask_types, generator=gen).to(device)
+    return PruneTask(cfg, model, masks, gen)

@@ -8,12 +8,24 @@ that says whether the weights moved toward the domains furthest above their refe
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 from pathlib import Path
 from typing import Any
 
 from shear.arch import Arch
+from shear.checkpoint import write_bytes_atomic, write_text_atomic
+
+
+def _save(fig: Any, path: Path) -> None:
+    """Write a figure as PNG atomically (a full disk leaves the previous plot, or none)."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def _plot_series(
@@ -34,8 +46,7 @@ def _plot_series(
     if len(series) > 1:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _plot_dims(path: Path, steps: list[dict[str, Any]]) -> None:
@@ -57,8 +68,7 @@ def _plot_dims(path: Path, steps: list[dict[str, Any]]) -> None:
     axes[0][0].set_ylabel("units per row")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def write_plots(out: Path, records: list[dict[str, Any]]) -> dict[str, Path]:
@@ -245,9 +255,7 @@ def _finish(out: Path, cfg: Any, lines: list[str], steps: list[dict], plots: dic
     if plots:
         lines += ["", "## Plots", ""] + [f"![{k}](plots/{p.name})" for k, p in plots.items()]
     lines += ["", "## Options", "", "```json", json.dumps(dataclasses.asdict(cfg), indent=2), "```", ""]
-    path = out / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+    return write_text_atomic(out / "report.md", "\n".join(lines))
 
 
 def write_train_report(

@@ -42,6 +42,7 @@ def parse_target_numbers(text: str) -> dict[str, int]:
         A dict from Arch field name to the requested size.
     """
     out: dict[str, int] = {}
+    named: dict[str, str] = {}
     for item in filter(None, (p.strip() for p in text.split(","))):
         key, sep, value = item.partition("=")
         key = key.strip().lower()
@@ -50,10 +51,14 @@ def parse_target_numbers(text: str) -> dict[str, int]:
                 f"cannot read target item {item!r}: expected key=integer with key one of "
                 f"{', '.join(sorted(set(TARGET_KEYS)))} (or a path to a config.json)"
             )
+        field = TARGET_KEYS[key]
+        if field in named:
+            raise ShearError(f"the target names {field} twice ({named[field]} and {key}); give it once")
         try:
-            out[TARGET_KEYS[key]] = int(value)
+            out[field] = int(value)
         except ValueError:
             raise ShearError(f"target {key} must be an integer, got {value.strip()!r}") from None
+        named[field] = key
     if not out:
         raise ShearError("empty target: give key=integer pairs or a config.json path")
     return out
@@ -62,11 +67,28 @@ def parse_target_numbers(text: str) -> dict[str, int]:
 def _config_dict(path: Path) -> dict[str, Any]:
     file = path / "config.json" if path.is_dir() else path
     try:
-        return json.loads(file.read_text(encoding="utf-8"))
+        data = json.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ShearError(f"target config not found: {file}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ShearError(f"target config {file} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise ShearError(f"cannot read the target config {file}: {e}") from None
+    if not isinstance(data, dict):
+        raise ShearError(
+            f"target config {file} holds {type(data).__name__ if data is not None else 'null'}, not a "
+            "JSON object of sizes"
+        )
+    return data
+
+
+def _integer(value: Any, name: str) -> int:
+    """A size given as an integer (an integral float such as 64.0 too; never 64.7, "64" or true)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ShearError(f"target {name} must be an integer, got {value!r}")
+    if isinstance(value, float) and not value.is_integer():
+        raise ShearError(f"target {name} must be an integer, got {value!r}")
+    return int(value)
 
 
 def _from_config_dict(source: Arch, cfg: dict[str, Any]) -> Arch:
@@ -82,11 +104,11 @@ def _from_config_dict(source: Arch, cfg: dict[str, Any]) -> Arch:
     missing = [k for k in needed if k not in cfg]
     if missing:
         raise ShearError(f"target config lacks {', '.join(missing)}")
-    heads = int(cfg["num_attention_heads"])
-    hidden = int(cfg["hidden_size"])
+    heads = _integer(cfg["num_attention_heads"], "num_attention_heads")
+    hidden = _integer(cfg["hidden_size"], "hidden_size")
     if heads <= 0:
         raise ShearError(f"heads must be positive, got {heads}")
-    head_dim = cfg.get("head_dim") or hidden // heads
+    head_dim = _integer(cfg["head_dim"], "head_dim") if cfg.get("head_dim") is not None else hidden // heads
     if head_dim != source.head_dim:
         raise ShearError(
             f"the target's head dimension is {head_dim} but the source's is {source.head_dim}: pruning "
@@ -98,12 +120,13 @@ def _from_config_dict(source: Arch, cfg: dict[str, Any]) -> Arch:
         raise ShearError(
             f"tie_word_embeddings mismatch: target {cfg['tie_word_embeddings']}, source {source.tied}"
         )
+    kv = cfg.get("num_key_value_heads")
     return source.replace(
-        layers=int(cfg["num_hidden_layers"]),
+        layers=_integer(cfg["num_hidden_layers"], "num_hidden_layers"),
         hidden=hidden,
         heads=heads,
-        kv_heads=int(cfg.get("num_key_value_heads") or heads),
-        intermediate=int(cfg["intermediate_size"]),
+        kv_heads=heads if kv is None else _integer(kv, "num_key_value_heads"),
+        intermediate=_integer(cfg["intermediate_size"], "intermediate_size"),
     )
 
 
@@ -158,7 +181,13 @@ def resolve_target(source: Arch, spec: str | os.PathLike | dict | Arch) -> Arch:
         if any(k in spec for k in ("hidden_size", "model_type", "num_hidden_layers")):
             target = _from_config_dict(source, spec)
         else:
-            target = _from_numbers(source, {TARGET_KEYS.get(k, k): int(v) for k, v in spec.items()})
+            nums: dict[str, int] = {}
+            for k, v in spec.items():
+                field = TARGET_KEYS.get(k, k)
+                if field in nums:
+                    raise ShearError(f"the target names {field} twice; give it once")
+                nums[field] = _integer(v, k)
+            target = _from_numbers(source, nums)
     else:
         text = os.fspath(spec)
         path = Path(text)

@@ -8,25 +8,31 @@ plain LM loss; AdamW with the reference betas (0.9, 0.95).
 
 Run directory::
 
-    RUN_DIR/config.json           the TrainConfig
+    RUN_DIR/config.json           the TrainConfig (and the task, working directory, version)
     RUN_DIR/log.jsonl             one line per step, evaluation and weight update
     RUN_DIR/checkpoint.pt         latest checkpoint (atomically replaced)
+    RUN_DIR/.lock                 held while a process uses the folder (see shear.runfolder)
     RUN_DIR/reference_losses.json the reference losses used
-    RUN_DIR/model/                the trained model (save_pretrained, written atomically)
+    RUN_DIR/model/                the trained model (save_pretrained, written atomically;
+                                  `shear export RUN_DIR` rewrites it from the checkpoint)
     RUN_DIR/report.md, plots/     domain weights and loss gaps over time, per-domain perplexity
 """
 
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from shear.checkpoint import save_model_atomic, write_text_atomic
 from shear.data import build_corpus
 from shear.errors import ShearError
-from shear.trainer import TrainConfig, evaluate_folder, finish, run_loop, start_run
+from shear.runfolder import hold_run_lock
+from shear.trainer import TrainConfig, evaluate_folder, export_at_end, finish, run_loop, start_run
 
 
 class LMObjective(nn.Module):
@@ -72,7 +78,15 @@ class TrainTask:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
+    def export(
+        self, out: str | os.PathLike, tokenizer: Any = None, max_shard_size: int | str | None = None
+    ) -> Path:
+        """Save the model (safetensors) and tokenizer to ``out`` (atomically replaced)."""
+        self.model.eval()
+        return save_model_atomic(self.model, out, tokenizer, max_shard_size)
 
+
+@hold_run_lock
 def run_train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or resume) continued pre-training.
 
@@ -100,7 +114,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     loop, extra = run_loop(ctx, task, corpus, None, {"initial_eval": initial_eval})
     initial_eval = extra["initial_eval"]
     if ctx.main and loop.reference is not None:
-        (ctx.out / "reference_losses.json").write_text(json.dumps(loop.reference, indent=2) + "\n")
+        write_text_atomic(ctx.out / "reference_losses.json", json.dumps(loop.reference, indent=2) + "\n")
     result = {
         "out": str(ctx.out),
         "steps": loop.steps,
@@ -113,15 +127,13 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     if loop.stopped_early:
         return result
     if ctx.main and cfg.export:
-        from shear.checkpoint import save_model_atomic
         from shear.report import write_train_report
 
-        model.eval()
-        folder = save_model_atomic(model, ctx.out / "model", tokenizer)
+        folder = export_at_end(ctx, task, ctx.out / "model", tokenizer)
         saved_eval = evaluate_folder(folder, corpus, cfg.batch_size, ctx.device)
         result["model"] = str(folder)
         evals = {"start": initial_eval, "end": loop.final_eval, "saved": saved_eval}
-        (ctx.out / "evals.json").write_text(json.dumps(evals, indent=2) + "\n")
+        write_text_atomic(ctx.out / "evals.json", json.dumps(evals, indent=2) + "\n")
         records = list(ctx.log.records())
         evals = (initial_eval, loop.final_eval, saved_eval)
         result["report"] = str(write_train_report(ctx.out, cfg, records, *evals, loop.reference))

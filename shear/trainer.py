@@ -9,8 +9,9 @@ every ``dynamic_interval`` steps new domain weights from the loss gaps to the re
 losses (:mod:`shear.dynamic`), computed on rank 0 and broadcast; every
 ``checkpoint_interval`` steps an atomic checkpoint of everything (model, task state,
 optimiser, schedule, data position, RNGs), so ``resume`` continues bit for bit; a JSONL
-log of every step and evaluation; a non-finite loss stops the run and keeps the last good
-checkpoint.
+log of every step and evaluation; a non-finite loss or gradient norm stops the run and
+keeps the last good checkpoint. The run folder's lock, recorded options, log and leftovers
+are :mod:`shear.runfolder`'s.
 
 Under ``torchrun`` (WORLD_SIZE > 1) the objective runs in DistributedDataParallel (gloo on
 CPU, nccl on GPU): every rank plans the same global batch and keeps its own slice; rank 0
@@ -20,25 +21,36 @@ evaluates, logs and checkpoints.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
+import re
 import sys
 import time
-from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from shear.checkpoint import load, save_atomic
+from shear.checkpoint import checkpoint_step, load, save_atomic
 from shear.data import Corpus, DomainBatchLoader, DomainSampler
 from shear.errors import ShearError
 from shear.evaluation import domain_losses
+from shear.runfolder import (
+    CHECKPOINT_FILE,
+    LOG_FILE,
+    RunLock,
+    RunLog,
+    changed_options,
+    check_output_folder,
+    clean_leftovers,
+    contents,
+    read_run_config,
+    write_run_config,
+)
 
 
 @dataclass(kw_only=True)
@@ -74,22 +86,63 @@ class TrainConfig:
     resume: bool = False
     stop_after: int | None = None
 
+    #: Options a resume may change: those of one session, and those that do not change what
+    #: the remaining steps compute. Every other option is fixed for the life of a run.
+    SESSION_OPTIONS: ClassVar[frozenset[str]] = frozenset({"out", "resume", "stop_after", "export"})
+    RESUMABLE_CHANGES: ClassVar[frozenset[str]] = SESSION_OPTIONS | {
+        "num_workers",
+        "device",
+        "eval_interval",
+        "checkpoint_interval",
+    }
+    #: The task name recorded in the run folder (``shear train``).
+    TASK: ClassVar[str] = "train"
+
+    def input_paths(self) -> dict[str, str | None]:
+        """``{option: path}`` of everything the run reads; it never writes into any of them."""
+        return {"--model": self.model, "--data": self.data, "--reference-model": self.reference_model}
+
     def check(self) -> None:
         """Raise ShearError for option values that cannot work."""
         from shear.dynamic import RULES
 
         positive = ("steps", "batch_size", "grad_accum", "eval_interval", "checkpoint_interval", "seq_len")
-        for name in positive + ("dynamic_interval",):
+        for name in positive + ("dynamic_interval", "eval_sequences"):
             if getattr(self, name) <= 0:
+                raise ShearError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("max_train_sequences", "stop_after"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ShearError(f"{name} must be positive, got {getattr(self, name)}")
         if self.num_workers < 0:
             raise ShearError(f"num_workers must be >= 0, got {self.num_workers}")
+        check_rate("lr_weights", self.lr_weights)
         if not 0 <= self.lr_warmup < 1:
-            raise ShearError("lr_warmup must be in [0, 1)")
+            raise ShearError(f"lr_warmup must be in [0, 1), got {self.lr_warmup}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ShearError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not self.max_grad_norm > 0:  # NaN fails too
+            raise ShearError(f"max_grad_norm must be positive, got {self.max_grad_norm}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ShearError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ShearError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.dynamic_rule not in RULES:
             raise ShearError(f"dynamic_rule must be {' or '.join(RULES)}, got {self.dynamic_rule!r}")
+        for name in ("domain_weights", "reference_losses"):
+            values = getattr(self, name) or {}
+            bad = {d: v for d, v in values.items() if not math.isfinite(v)}
+            if name == "domain_weights":
+                bad.update({d: v for d, v in values.items() if v < 0})
+            if bad:
+                raise ShearError(
+                    f"{name} must be finite{' and >= 0' if name == 'domain_weights' else ''}: {bad}"
+                )
+
+
+def check_rate(name: str, value: float) -> None:
+    """Raise ShearError unless a learning rate is finite and >= 0."""
+    if not (math.isfinite(value) and value >= 0):
+        raise ShearError(f"{name} must be a finite number >= 0, got {value}")
 
 
 def lr_factor(step: int, steps: int, warmup: int, min_ratio: float) -> float:
@@ -98,32 +151,6 @@ def lr_factor(step: int, steps: int, warmup: int, min_ratio: float) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, steps - warmup)
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-class RunLog:
-    """Append-only JSONL log of a run (rank 0 writes)."""
-
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
-
-    def truncate_after(self, step: int) -> None:
-        """Drop entries after ``step`` (a resume replays them)."""
-        if not self.enabled or not self.path.exists():
-            return
-        kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
-
-    def write(self, record: dict[str, Any]) -> None:
-        """Append one record."""
-        if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def records(self) -> Iterator[dict[str, Any]]:
-        """Every record so far."""
-        if self.path.exists():
-            for line in self.path.read_text().splitlines():
-                yield json.loads(line)
 
 
 @dataclass
@@ -136,6 +163,7 @@ class RunContext:
     device: torch.device
     out: Path
     log: RunLog
+    lock: RunLock | None = None
 
     @property
     def main(self) -> bool:
@@ -145,7 +173,7 @@ class RunContext:
     @property
     def checkpoint_path(self) -> Path:
         """The run's checkpoint file."""
-        return self.out / "checkpoint.pt"
+        return self.out / CHECKPOINT_FILE
 
     def say(self, message: str) -> None:
         """A progress line on stderr (rank 0 only)."""
@@ -167,36 +195,135 @@ class RunContext:
 
 
 def start_run(cfg: TrainConfig) -> RunContext:
-    """Check the options, join the process group, pick the device, create the run folder.
+    """Check the options, join the process group, pick the device, open the run folder.
+
+    Rank 0 opens the folder (:func:`open_run_folder`): checks where it is, takes its lock,
+    removes leftovers, checks a resume against the recorded options, writes config.json.
+    Its error, if any, is raised on every rank.
 
     Raises:
-        ShearError: bad options; ``resume`` without a checkpoint, or a fresh run into a folder
-            that holds one.
+        ShearError: bad options or device; see :func:`open_run_folder`.
     """
     cfg.check()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    out = Path(cfg.out)
-    ckpt = out / "checkpoint.pt"
-    if cfg.resume and not ckpt.is_file():
-        raise ShearError(f"--resume: no checkpoint at {ckpt}")
-    if not cfg.resume and ckpt.exists():
-        raise ShearError(f"{out} already holds a run (checkpoint.pt); pass --resume or choose another --out")
     if cfg.batch_size % world:
         raise ShearError(f"batch size {cfg.batch_size} is not divisible by {world} ranks")
-    if cfg.device != "auto":
-        device = torch.device(cfg.device)
-    elif torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    else:
-        device = torch.device("cpu")
-    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    out = Path(cfg.out)
+    lock, error = None, None
     if rank == 0:
+        try:
+            lock = open_run_folder(cfg)
+        except ShearError as e:
+            error = str(e)
+    error = _broadcast(error, world)
+    if error is not None:
+        raise ShearError(error)
+    torch.manual_seed(cfg.seed)
+    return RunContext(cfg, rank, world, device, out, RunLog(out / LOG_FILE, rank == 0), lock)
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device of ``--device`` (``auto``: this rank's GPU if there is one, else the CPU).
+
+    Raises:
+        ShearError: CUDA asked for where there is none, or a GPU index out of range.
+    """
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"torch {torch.__version__}" + ("" if torch.version.cuda else ", a CPU-only build")
+            raise ShearError(f"--device {name}: no CUDA device is available here ({build})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ShearError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
+def open_run_folder(cfg: TrainConfig) -> RunLock:
+    """Make ``cfg.out`` this run's folder: checked, locked, cleaned, its options recorded.
+
+    A fresh run needs a new or empty folder, or one whose earlier attempt of the same task
+    was killed before its first checkpoint (its log starts over); it records its options in
+    config.json. A resume needs a checkpoint, and the options that cannot change must equal
+    the recorded ones (config.json keeps the options the run started with).
+
+    Returns:
+        The lock (released by :func:`~shear.runfolder.hold_run_lock` or :func:`finish`).
+
+    Raises:
+        ShearError: ``--out`` is or holds an input; another process holds the folder; a
+            fresh run into a folder with a checkpoint or with foreign contents; a resume
+            without a checkpoint or with changed options; a failed write.
+    """
+    out = Path(cfg.out)
+    check_output_folder(out, cfg.input_paths())
+    if out.exists() and not out.is_dir():
+        raise ShearError(f"--out {out} is a file, not a folder")
+    if not cfg.resume and contents(out) and read_run_config(out) is None:
+        shown = ", ".join(contents(out)[:5])
+        raise ShearError(
+            f"--out {out} is not empty and holds no shear run ({shown}...); choose a new or empty folder"
+        )
+    try:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-    return RunContext(cfg, rank, world, device, out, RunLog(out / "log.jsonl", rank == 0))
+    except OSError as e:
+        raise ShearError(f"cannot create the run folder {out}: {e}") from e
+    lock = RunLock.acquire(out)
+    try:
+        _prepare(cfg, out, lock)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _prepare(cfg: TrainConfig, out: Path, lock: RunLock) -> None:
+    removed = clean_leftovers(out)
+    if lock.previous:
+        print(
+            f"shear: the previous run in {out} ({lock.previous}) was stopped before it finished",
+            file=sys.stderr,
+        )
+    if removed:
+        print(f"shear: removed what interrupted writes left in {out}: {', '.join(removed)}", file=sys.stderr)
+    ckpt = out / CHECKPOINT_FILE
+    recorded = read_run_config(out)
+    if recorded is not None and recorded[0] != cfg.TASK:
+        raise ShearError(
+            f"{out} holds a `shear {recorded[0]}` run; a `shear {cfg.TASK}` run needs another --out"
+        )
+    if cfg.resume:
+        if not ckpt.is_file():
+            raise ShearError(f"--resume: no checkpoint at {ckpt}")
+        if recorded is not None:
+            changed = changed_options(
+                recorded[1], recorded[2], dataclasses.asdict(cfg), cfg.RESUMABLE_CHANGES
+            )
+            if changed:
+                raise ShearError(
+                    f"--resume: these options differ from the run's ({out / 'config.json'}) and cannot "
+                    f"change within a run: {'; '.join(changed)}. Leave them out to continue with the "
+                    "recorded values, or start a new run in another --out"
+                )
+        step = checkpoint_step(ckpt)
+        if cfg.stop_after is not None and step is not None and cfg.stop_after <= step:
+            raise ShearError(f"--stop-after {cfg.stop_after}: the run is already at step {step}")
+        if recorded is None:  # a folder from before config.json recorded the task
+            write_run_config(out, cfg, cfg.TASK)
+    else:
+        if ckpt.exists():
+            raise ShearError(
+                f"{out} already holds a run (checkpoint.pt); pass --resume or choose another --out"
+            )
+        RunLog(out / LOG_FILE, True).reset()  # an attempt killed before its first checkpoint
+        write_run_config(out, cfg, cfg.TASK)
 
 
 class Task(Protocol):
@@ -238,6 +365,11 @@ class Task(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
+        ...
+
+    def export(self, out: str | os.PathLike, tokenizer: Any = None, **options: Any) -> Path:
+        """Write the run's model to the folder ``out`` atomically (at the end of a run, and by
+        ``shear export`` from a checkpoint: the same bytes)."""
         ...
 
 
@@ -290,16 +422,22 @@ def run_loop(
     start = 0
     if cfg.resume:
         state = load(ctx.checkpoint_path)
-        task.model.load_state_dict(state["model"])
-        task.load_state_dict(state["task"])
-        task.optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        loader.load_state_dict(state["sampler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if device.type == "cuda" and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
-        extra_state, start = state["extra"], int(state["step"])
-        reference = cfg.reference_losses or state["reference"]
+        check_checkpoint_fits(state, task, ctx.checkpoint_path)
+        try:
+            task.model.load_state_dict(state["model"])
+            task.load_state_dict(state["task"])
+            task.optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            loader.load_state_dict(state["sampler"])
+            torch.set_rng_state(state["rng"]["torch"])
+            if device.type == "cuda" and "cuda" in state["rng"]:
+                torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+            extra_state, start = state["extra"], int(state["step"])
+        except (KeyError, ValueError, RuntimeError, TypeError) as e:
+            raise ShearError(
+                f"--resume: {ctx.checkpoint_path} does not fit this run ({type(e).__name__}: {e})"
+            ) from e
+        reference = cfg.reference_losses or state.get("reference")
         log.truncate_after(start)
     if cfg.dynamic and ctx.main:
         _check_reference(reference, corpus)
@@ -322,6 +460,7 @@ def run_loop(
                 rng["cuda"] = torch.cuda.get_rng_state(device)
             state = {
                 "step": step,
+                "meta": {"task": task.name, "model": type(task.model).__name__},
                 "model": task.model.state_dict(),
                 "task": task.state_dict(),
                 "optimizer": task.optimizer.state_dict(),
@@ -331,7 +470,7 @@ def run_loop(
                 "extra": extra_state,
                 "reference": reference,
             }
-            save_atomic(state, ctx.checkpoint_path)
+            save_atomic(state, ctx.checkpoint_path, _kept(ctx, last_good))
         if ctx.world > 1:
             dist.barrier()
 
@@ -364,14 +503,15 @@ def run_loop(
             dist.all_reduce(t)
             lm_sum = t.item() / ctx.world
         if not math.isfinite(lm_sum) or not math.isfinite(extra_value):
-            kept = (
-                f"kept the last good checkpoint {ctx.checkpoint_path} (step {last_good})"
-                if last_good
-                else "no checkpoint yet"
-            )
             bad = lm_sum if not math.isfinite(lm_sum) else extra_value
-            raise ShearError(f"the loss became {bad} at step {step + 1}; stopped ({kept})")
-        torch.nn.utils.clip_grad_norm_(clip, cfg.max_grad_norm)
+            raise ShearError(f"the loss became {bad} at step {step + 1}; stopped ({_kept(ctx, last_good)})")
+        # one host sync per step: a NaN gradient behind a finite loss must not reach the optimiser
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(clip, cfg.max_grad_norm))
+        if not math.isfinite(grad_norm):
+            raise ShearError(
+                f"the gradient norm became {grad_norm} at step {step + 1} (the loss was {lm_sum:.4g}); "
+                f"stopped before the optimiser step ({_kept(ctx, last_good)})"
+            )
         lr = scheduler.get_last_lr()[0]
         task.optimizer.step()
         scheduler.step()
@@ -385,6 +525,7 @@ def run_loop(
             **({task.extra_name: extra_value} if task.extra_name else {}),
             **task.record(done),
             "lr": lr,
+            "grad_norm": grad_norm,
             "domains": counts,
             "domain_weights": loader.weights,
             "tokens_per_s": tokens_per_step / elapsed,
@@ -423,6 +564,94 @@ def run_loop(
     if final_eval is None:  # resumed at the end
         final_eval = ctx.evaluate(task.model, corpus)
     return LoopResult(cfg.steps, final_eval, False, reference), extra_state
+
+
+def export_at_end(ctx: RunContext, task: Task, out: Path, tokenizer: Any) -> Path:
+    """The end-of-run export; a failure says that the checkpoint can be exported again.
+
+    Raises:
+        ShearError: the export failed (nothing partial is left).
+    """
+    try:
+        return task.export(out, tokenizer)
+    except ShearError as e:
+        raise ShearError(
+            f"{e}. The run's checkpoint is kept: `shear export {ctx.out}` writes it again"
+        ) from e
+
+
+def _kept(ctx: RunContext, last_good: int | None) -> str:
+    """What survives a failure now: the last good checkpoint, or none."""
+    if last_good:
+        return f"the checkpoint of step {last_good} is kept: {ctx.checkpoint_path}"
+    return "there is no checkpoint yet"
+
+
+def check_checkpoint_fits(
+    state: dict[str, Any], task: Task, path: Path, task_keys: tuple[str, ...] | None = None
+) -> None:
+    """Raise ShearError, saying why, unless ``state`` is a checkpoint of a run like ``task``'s:
+    the same task (prune or train), model class and tensor names and shapes (which fixes
+    the architecture, the head layout and the mask types).
+
+    Args:
+        state: the loaded checkpoint.
+        task: the task it is to be restored into.
+        path: the checkpoint's file, for the message.
+        task_keys: compare only these entries of the task state (None: all of it).
+    """
+    meta = state.get("meta") or {}
+    problems = []
+    if meta.get("task", task.name) != task.name:
+        problems.append(f"it is from a `shear {meta['task']}` run, this is `shear {task.name}`")
+    if meta.get("model", type(task.model).__name__) != type(task.model).__name__:
+        problems.append(f"its model is a {meta['model']}, this run's is a {type(task.model).__name__}")
+    if not problems:
+        current_task, saved_task = task.state_dict(), state.get("task")
+        if task_keys is not None and isinstance(saved_task, dict):
+            current_task = {k: current_task[k] for k in task_keys}
+            saved_task = {k: saved_task.get(k) for k in task_keys}
+        for part, saved, current in (
+            ("model", state.get("model"), task.model.state_dict()),
+            ("task", saved_task, current_task),
+        ):
+            problems += _shape_differences(part, saved, current)
+    if problems:
+        raise ShearError(f"--resume: the checkpoint {path} does not fit this run: {'; '.join(problems)}")
+
+
+def _shape_differences(part: str, saved: Any, current: Any) -> list[str]:
+    """Tensors missing on either side or of another shape, summarised."""
+    a, b = _tensor_shapes(part, saved), _tensor_shapes(part, current)
+    out = []
+    for what, names in (
+        ("only in the checkpoint", [n for n in a if n not in b]),
+        ("missing from the checkpoint", [n for n in b if n not in a]),
+    ):
+        if names:
+            out.append(
+                f"tensors {what}: {', '.join(names[:3])}"
+                + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            )
+    shapes = [f"{n} {a[n]} in the checkpoint, {b[n]} here" for n in a if n in b and a[n] != b[n]]
+    if shapes:
+        out.append(
+            "shapes differ: "
+            + "; ".join(shapes[:3])
+            + (f" and {len(shapes) - 3} more" if len(shapes) > 3 else "")
+        )
+    return out
+
+
+def _tensor_shapes(prefix: str, obj: Any) -> dict[str, list[int]]:
+    """``{dotted name: shape}`` of every tensor in nested dicts and lists."""
+    if isinstance(obj, torch.Tensor):
+        return {prefix: list(obj.shape)}
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list | tuple) else ()
+    out: dict[str, list[int]] = {}
+    for k, v in items:
+        out.update(_tensor_shapes(f"{prefix}.{k}", v))
+    return out
 
 
 def measure_reference(model: str, corpus: Corpus, ctx: RunContext) -> dict[str, float]:
@@ -480,6 +709,8 @@ def evaluate_folder(folder: str | os.PathLike, corpus: Corpus, batch_size: int, 
 
 
 def finish(ctx: RunContext) -> None:
-    """Wait for every rank at the end of a run."""
+    """Wait for every rank at the end of a run, then release the run folder."""
     if ctx.world > 1:
         dist.barrier()
+    if ctx.lock is not None:
+        ctx.lock.release()

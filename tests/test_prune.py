@@ -66,14 +66,19 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_source, data_d
 
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "c.pt"
-    save_atomic({"step": 1, "w": torch.ones(3)}, path)
 
     def full_disk(obj, f):
         f.write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    with monkeypatch.context() as m:
+        m.setattr(ckpt_mod.torch, "save", full_disk)
+        with pytest.raises(ShearError, match="the disk is full.*there is no previous checkpoint"):
+            save_atomic({"step": 1, "w": torch.ones(3)}, path)
+    assert list(tmp_path.iterdir()) == []
+    save_atomic({"step": 1, "w": torch.ones(3)}, path)
     monkeypatch.setattr(ckpt_mod.torch, "save", full_disk)
-    with pytest.raises(ShearError, match="No space left on device.*previous one is kept"):
+    with pytest.raises(ShearError, match="the disk is full.*the previous checkpoint is kept"):
         save_atomic({"step": 2, "w": torch.zeros(3)}, path)
     monkeypatch.undo()
     assert load(path)["step"] == 1

@@ -5,7 +5,11 @@ Two layouts are accepted:
 * a folder with one entry per domain: a sub-folder (every ``.txt``, ``.jsonl``
   and ``.parquet`` file under it) or a single such file (the domain is the file's stem).
   A ``.txt`` file is one document; ``.jsonl`` records and ``.parquet`` rows
-  carry a ``text`` column;
+  carry a ``text`` column. Files of other kinds are not data and are passed over.
+  Symbolic links are followed wherever they are (a domain at the top, or a file or folder
+  inside a domain) and wherever they lead; a link that leads nowhere, or into a loop, is
+  an error naming it, so no domain or file is ever dropped silently. Names starting with
+  a dot are hidden and passed over at every level;
 * a dataset saved with ``Dataset.save_to_disk`` (or a ``DatasetDict``: its ``train``
   split) with a text column and a domain column.
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -142,8 +147,9 @@ def find_sources(path: str | Path, spec: DataSpec = DEFAULT_SPEC) -> list[Domain
         for entry in sorted(root.iterdir()):
             if entry.name.startswith("."):
                 continue
+            _check_link(entry)
             if entry.is_dir():
-                files = tuple(sorted(p for p in entry.rglob("*") if p.suffix in BUILDERS and p.is_file()))
+                files = tuple(sorted(_data_files(entry, (os.path.realpath(root),))))
                 if not files:
                     raise ShearError(
                         f"domain {entry.name!r} in {root} has no {'/'.join(BUILDERS)} files ({entry})"
@@ -168,10 +174,49 @@ def find_sources(path: str | Path, spec: DataSpec = DEFAULT_SPEC) -> list[Domain
     return sources
 
 
+def _check_link(entry: Path) -> None:
+    """Raise ShearError for a symbolic link that leads nowhere."""
+    if entry.is_symlink() and not entry.exists():
+        raise ShearError(
+            f"{entry} is a symbolic link to {os.readlink(entry)}, which does not exist (or is a loop); "
+            "fix or remove it"
+        )
+
+
+def _data_files(folder: Path, above: tuple[str, ...]) -> list[Path]:
+    """Every data file under ``folder``, following symbolic links (see the module docstring).
+
+    Args:
+        folder: a domain folder or a folder inside one.
+        above: real paths of the folders above it, to catch a link that loops back.
+    """
+    real = os.path.realpath(folder)
+    if real in above:
+        raise ShearError(
+            f"{folder} is a symbolic link back into a folder above it (a loop); fix or remove it"
+        )
+    files = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        _check_link(entry)
+        if entry.is_dir():
+            files += _data_files(entry, (*above, real))
+        elif entry.suffix in BUILDERS and entry.is_file():
+            files.append(entry)
+    return files
+
+
 def _check_jsonl(file: Path, column: str) -> None:
     """A clear error for a malformed line, before ``datasets`` reports it less plainly."""
-    with open(file, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(file, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ShearError(
+                    f"{file}:{n}: not UTF-8 text ({e.reason} at byte {e.start} of the line)"
+                ) from None
             if not line.strip():
                 continue
             try:

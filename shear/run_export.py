@@ -1,0 +1,148 @@
+"""``shear export RUN_DIR``: write a run's model from its checkpoint.
+
+For a run ended with ``--no-export`` or ``--stop-after``, or to export again with another
+backend or shard size. The run's task is rebuilt from its recorded options exactly as the
+run built it, the checkpoint's weights (and masks) restored into it, and the task's own
+``export`` called: the function a run calls at its end, so the files are the same bytes
+(``shear_export.json`` records the backend and thread count it used) (a pruning run: the
+finalized model, see :func:`shear.export.export_pruned`; continued pre-training: the
+model saved with ``save_pretrained``). The folder is written under a temporary name and
+renamed into place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from shear.checkpoint import load
+from shear.errors import ShearError
+from shear.export import parse_size
+from shear.runfolder import (
+    CHECKPOINT_FILE,
+    RunLock,
+    check_output_folder,
+    clean_leftovers,
+    hold_run_lock,
+    read_run_config,
+    recorded_options,
+)
+
+#: Where a run writes its model, by task.
+DEFAULT_FOLDER = {"prune": "export", "train": "model"}
+#: The file a pruned export carries (an existing folder without it is never replaced).
+EXPORT_RECORD = "shear_export.json"
+
+
+def _config(run_dir: Path) -> Any:
+    found = read_run_config(run_dir)
+    if found is None:
+        raise ShearError(f"{run_dir} holds no shear run (no config.json)")
+    if found[0] == "prune":
+        from shear.prune import PruneConfig as config
+    elif found[0] == "train":
+        from shear.trainer import TrainConfig as config
+    else:
+        raise ShearError(f"{run_dir} holds a run of an unknown task {found[0]!r}")
+    fields = {f.name for f in dataclasses.fields(config)}
+    options = recorded_options(run_dir, found[0], fields)
+    return config(**{**options, "out": str(run_dir), "resume": True, "device": "cpu"})
+
+
+def _check_destination(dest: Path, run_dir: Path, default: Path, inputs: dict[str, str | None]) -> None:
+    """Refuse a destination that is an input, is or holds the run, or a folder shear did not write."""
+    check_output_folder(dest, inputs)
+    real, run = Path(os.path.realpath(dest)), Path(os.path.realpath(run_dir))
+    if real == run or real in run.parents:
+        raise ShearError(f"--out {dest} is or contains the run folder {run_dir}; choose another folder")
+    if dest.exists() and real != Path(os.path.realpath(default)):
+        if not dest.is_dir():
+            raise ShearError(f"--out {dest} is a file")
+        if any(dest.iterdir()) and not (dest / EXPORT_RECORD).is_file():
+            raise ShearError(
+                f"--out {dest} is not empty and is not a shear export (no {EXPORT_RECORD}); an export "
+                "replaces its folder, so choose a new or empty one"
+            )
+
+
+@hold_run_lock
+def export_run(
+    run_dir: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    backend: str | None = None,
+    max_shard_size: int | str | None = None,
+) -> dict[str, Any]:
+    """Export the model of a run's checkpoint.
+
+    Args:
+        run_dir: the run folder (of ``shear prune`` or ``shear train``).
+        out: the destination folder (default: the run's own ``export/`` or ``model/``,
+            replaced atomically).
+        backend: the export backend of a pruning run (see :func:`shear.export.resolve_backend`).
+        max_shard_size: split the weights above this size (default: as the run did).
+
+    Returns:
+        ``{"run", "task", "out", "step", "steps"}``: ``step`` is the checkpoint's.
+
+    Raises:
+        ShearError: no run or checkpoint, a damaged checkpoint or one that does not fit the
+            recorded options, a destination that would overwrite what is not an export, a
+            backend option for a training run, another process holding the run folder, a
+            failed write (nothing partial is left).
+    """
+    from shear.loading import load_source
+    from shear.trainer import check_checkpoint_fits
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ShearError(f"run folder not found: {run_dir}")
+    cfg = _config(run_dir)
+    task_name = cfg.TASK
+    default = run_dir / DEFAULT_FOLDER[task_name]
+    dest = Path(out) if out is not None else default
+    _check_destination(dest, run_dir, default, cfg.input_paths())
+    shard_bytes = None if max_shard_size is None else parse_size(max_shard_size)
+    if task_name == "train" and backend is not None:
+        raise ShearError("--backend applies to pruning runs; a training run saves with save_pretrained")
+    if Path(os.path.realpath(run_dir)) in Path(os.path.realpath(dest)).parents:
+        RunLock.acquire(run_dir)  # it writes into the run folder: not while a run uses it
+        clean_leftovers(run_dir)
+    state = load(run_dir / CHECKPOINT_FILE)
+
+    model, tokenizer = load_source(cfg.model)
+    if task_name == "prune":
+        from shear.arch import Arch
+        from shear.prune import build_task
+        from shear.target import resolve_target
+
+        source = Arch.from_config(model.config)
+        task = build_task(cfg, model, source, resolve_target(source, cfg.target), torch.device("cpu"))
+    else:
+        from shear.train import TrainTask
+
+        task = TrainTask(cfg, model)
+    # the weights and, for pruning, the masks: the optimiser and RNG states play no part (and
+    # a GPU run's generator state would not fit a CPU generator)
+    keys = ("masks",) if task_name == "prune" else ()
+    check_checkpoint_fits(state, task, run_dir / CHECKPOINT_FILE, keys)
+    try:
+        model.load_state_dict(state["model"])
+        if task_name == "prune":
+            task.masks.load_state_dict(state["task"]["masks"])
+    except (KeyError, ValueError, RuntimeError, TypeError) as e:
+        raise ShearError(f"{run_dir / CHECKPOINT_FILE} does not fit its run ({type(e).__name__}: {e})") from e
+    options: dict[str, Any] = {}
+    if backend is not None:
+        options["backend"] = backend
+    if shard_bytes is not None:
+        options["max_shard_size"] = shard_bytes
+    folder = task.export(dest, tokenizer, **options)
+    step = int(state["step"])
+    if step < cfg.steps:
+        print(f"shear: exported step {step} of {cfg.steps}: the run is not finished", file=sys.stderr)
+    return {"run": str(run_dir), "task": task_name, "out": str(folder), "step": step, "steps": cfg.steps}
