@@ -104,6 +104,11 @@ def _meta(*shape: int, dtype: torch.dtype, grad: bool = True) -> torch.Tensor:
     return torch.empty(shape, device="meta", dtype=dtype, requires_grad=grad)
 
 
+def _mask(*shape: int, grad: bool = True) -> torch.Tensor:
+    """A mask as the model hands it over: float32 (its log_alphas are), whatever the model dtype."""
+    return _meta(*shape, dtype=torch.float32, grad=grad)
+
+
 def _backward(out: torch.Tensor) -> None:
     out.backward(torch.empty_like(out))
 
@@ -114,8 +119,8 @@ def _masked_linear(s: ModelShape, dtype: torch.dtype) -> None:
 
     x = _meta(s.tokens, s.heads * s.head_dim, dtype=dtype)
     w = _meta(s.hidden, s.heads * s.head_dim, dtype=dtype)
-    m_out = _meta(s.hidden, dtype=dtype)
-    for m_in in (_meta(s.heads, dtype=dtype), None):
+    m_out = _mask(s.hidden)
+    for m_in in (_mask(s.heads), None):
         _backward(shear_masked_linear(x, w, None, m_in, m_out))
 
 
@@ -126,7 +131,7 @@ def _masked_mlp(s: ModelShape, dtype: torch.dtype) -> None:
     x = _meta(s.tokens, s.hidden, dtype=dtype)
     wg, wu = _meta(s.intermediate, s.hidden, dtype=dtype), _meta(s.intermediate, s.hidden, dtype=dtype)
     wd = _meta(s.hidden, s.intermediate, dtype=dtype)
-    m_int, m_out = _meta(s.intermediate, dtype=dtype), _meta(s.hidden, dtype=dtype)
+    m_int, m_out = _mask(s.intermediate), _mask(s.hidden)
     _backward(shear_masked_swiglu_mlp(x, wg, wu, wd, m_int, m_out))
 
 
@@ -139,7 +144,7 @@ def _masked_attention(s: ModelShape, dtype: torch.dtype) -> None:
     q = _meta(B, S, H, D, dtype=dtype).transpose(1, 2)
     k = _meta(B, S, G, D, dtype=dtype).transpose(1, 2)
     v = _meta(B, S, G, D, dtype=dtype).transpose(1, 2)
-    for head_mask in (_meta(H, dtype=dtype, grad=False), None):
+    for head_mask in (_mask(H, grad=False), None):
         _backward(shear_causal_attention(q, k, v, D**-0.5, head_mask))
 
 
@@ -148,19 +153,19 @@ def _masked_rms_norm(s: ModelShape, dtype: torch.dtype) -> None:
     from shear.kernels.masked_rms_norm import shear_masked_rms_norm
 
     x = _meta(s.tokens, s.hidden, dtype=dtype)
-    w, z = _meta(s.hidden, dtype=dtype), _meta(s.hidden, dtype=dtype)
+    w, z = _meta(s.hidden, dtype=dtype), _mask(s.hidden)
     _backward(shear_masked_rms_norm(x, w, z, 1e-6))
 
 
 def _hard_concrete(s: ModelShape, dtype: torch.dtype) -> None:
     """Every mask of the whole model sampled in one launch (float32 log_alphas whatever the
-    model dtype), and the file's other kernels: given noise, the noise itself, the keep
-    probabilities and the deterministic masks."""
+    model dtype), and the file's other kernels: sampling with given noise, the noise itself,
+    the keep probabilities and the soft values of the deterministic masks."""
     from shear.kernels import hard_concrete as hc
 
     L = s.layers
     sizes = [(L,), (L,), (L,), (L, s.heads // s.kv_heads), (L, s.kv_heads), (L, s.intermediate), (s.hidden,)]
-    log_alphas = [_meta(*n, dtype=torch.float32) for n in sizes]
+    log_alphas = [_mask(*n) for n in sizes]
     zs = hc.sample_all(log_alphas, seed=0)
     torch.autograd.backward(zs, [torch.empty_like(z) for z in zs])
     la = log_alphas[-2]
