@@ -727,7 +727,8 @@ def export_pruned(
 
     Args:
         model: the masked source model.
-        masks: its masks (the deterministic masks are used).
+        masks: its masks (the values the model evaluates with are used: the deterministic
+            masks, or those fixed with :meth:`HardConcreteMasks.fixed`).
         out_dir: destination folder; must not exist unless ``overwrite``.
         tokenizer: saved alongside if given.
         dtype: dtype of the saved weights (default: each source tensor's dtype).
@@ -748,7 +749,7 @@ def export_pruned(
     if out.exists() and not overwrite:
         raise ShearError(f"export destination {out} already exists (pass overwrite=True to replace it)")
     with torch.no_grad():
-        z = masks.deterministic()
+        z = masks.values(training=False)
     plan, arch = export_plan(model, masks, z)
     config = export_config(model, arch, kept_layers(masks, z))
     if dtype is not None:

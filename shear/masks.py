@@ -286,8 +286,19 @@ class HardConcreteMasks(nn.Module):
     # --- constraint quantities -----------------------------------------------------------
 
     def expected_sparsity(self) -> dict[str, torch.Tensor]:
-        """Expected fraction of pruned units per type: 1 - mean P(z > 0) (per row, then averaged)."""
-        return {n: 1.0 - p.mean() for n, p in self.keep_probabilities().items()}
+        """Expected fraction of pruned units of every row: 1 - mean P(z > 0) over the last dimension.
+
+        Returns:
+            By type, a 1-D tensor with one entry per row (a 1-D mask is one row; a
+            ``[L, ...]`` mask has one row per leading index, e.g. per layer), which the
+            Lagrangian holds to the target row by row.
+        """
+        return {n: 1.0 - p.reshape(-1, p.shape[-1]).mean(-1) for n, p in self.keep_probabilities().items()}
+
+    def expected_kept(self) -> dict[str, torch.Tensor]:
+        """Expected kept units of every row, by type (1-D, one entry per row; no gradient)."""
+        with torch.no_grad():
+            return {n: p.reshape(-1, p.shape[-1]).sum(-1) for n, p in self.keep_probabilities().items()}
 
     def expected_params(self) -> torch.Tensor:
         """Expected prunable parameter count under the keep probabilities (differentiable)."""

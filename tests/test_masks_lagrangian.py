@@ -121,3 +121,42 @@ def test_optimizer_groups_descend_and_ascend():
     assert all(v.item() < 0 for v in lag.lambda_1.values())
     with pytest.raises(ValueError, match="positive"):
         build_optimizer(model, m, lag, lr_lambdas=-1.0)
+
+
+def test_lagrangian_penalises_each_row_then_averages():
+    """The original rule on deliberately uneven layers: per-row penalty, then the mean."""
+    t = resolve_target(SRC, SMOL_TARGET)
+    lag = Lagrangian(HardConcreteMasks(SRC, t))
+    with torch.no_grad():
+        lag.lambda_1["intermediate"].fill_(2.0)
+        lag.lambda_2["intermediate"].fill_(3.0)
+    target = lag.target_at("intermediate", 0)
+    rows = torch.tensor([target - 0.5, target, target + 0.5], dtype=torch.float64, requires_grad=True)
+    _, terms = lag({"intermediate": rows}, step=0)
+    # gaps -0.5, 0, 0.5: (2 * -0.5 + 3 * 0.25 + 0 + 2 * 0.5 + 3 * 0.25) / 3; averaging the rows
+    # first (gap 0) would give 0 and let the uneven layers stand
+    assert terms["intermediate"].item() == pytest.approx(1.5 / 3)
+    terms["intermediate"].backward()
+    assert rows.grad.tolist() == pytest.approx([(2 + 6 * g) / 3 for g in (-0.5, 0.0, 0.5)])
+
+
+def test_lagrangian_alone_evens_out_uneven_layers():
+    """Ascent on the multipliers and descent on log_alpha bring every layer to the target."""
+    model = make_tiny("llama_gqa_bias_untied")
+    src = Arch.from_config(model.config)
+    m = HardConcreteMasks(src, resolve_target(src, TINY_TARGETS["llama_gqa_bias_untied"]))
+    with torch.no_grad():  # half the layers keep everything, half almost nothing
+        la = m.log_alpha["intermediate"]
+        la[::2] = 4.0
+        la[1::2] = -4.0
+    lag = Lagrangian(m)
+    opt = build_optimizer(model, m, lag, lr_weights=0.0, lr_masks=0.1, lr_lambdas=0.1)
+    for step in range(300):
+        total, _ = lag(m.expected_sparsity(), step)
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+        m.clamp_()
+    for name, kept in m.expected_kept().items():
+        target = m.specs[name].target
+        assert (kept - target).abs().max().item() <= 0.05 * target, (name, kept)
