@@ -5,6 +5,9 @@ keeps the units whose mask is non-zero, folds the kept mask values into the weig
 slices every tensor, so that the exported model computes exactly what the masked model
 computes under the deterministic masks:
 
+* q_proj rows / o_proj columns: for each kept KV group, its own kept query heads, packed
+  group after group (the Hugging Face GQA layout of the target); k_proj / v_proj rows:
+  the kept KV groups.
 * o_proj: columns of kept heads scaled by ``kv * head``; rows of kept hidden dimensions
   scaled by ``layer * head_layer * hidden`` (its bias too).
 * up_proj: rows of kept channels scaled by ``intermediate`` (its bias too).

@@ -132,6 +132,12 @@ def test_non_uniform_masks_are_refused():
     row[torch.nonzero(row)[0]] = 0  # one layer keeps one channel fewer
     with pytest.raises(ShearError, match="MLP channels per layer"):
         export_plan(model, masks, z)
+    model, masks = make_per_group_masked(seed=2)
+    z = {k: v.detach().clone() for k, v in masks.deterministic().items()}
+    row = z["head"][int(torch.nonzero(z["layer"])[0]), 1]
+    row[torch.nonzero(row)[0]] = 0  # group 1 of the first kept layer keeps one query head fewer
+    with pytest.raises(ShearError, match=r"query heads per kept \(layer, KV group\) are \[2, 1, 2, 2\]"):
+        export_plan(model, masks, z)
 
 
 def test_export_dtype_and_gather_reference():
