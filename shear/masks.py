@@ -331,8 +331,9 @@ def expected_prunable_params(source: Arch, probs: dict[str, torch.Tensor]) -> to
     D = probs["hidden"].sum() if "hidden" in probs else torch.tensor(float(source.hidden), **kw)
     kv = probs["kv"] if "kv" in probs else torch.ones(L, source.kv_heads, **kw)
     K = kv.sum(-1)
-    n = probs["head"].sum(-1) if "head" in probs else float(source.heads_per_group)  # [L, G]: per group
-    Q = (kv * n).sum(-1)
+    # query heads of each group, [L, G]: every group keeps its own
+    per_group = probs["head"].sum(-1) if "head" in probs else float(source.heads_per_group)
+    Q = (kv * per_group).sum(-1)
     I = rows("intermediate", source.intermediate)  # noqa: E741
     attn = D * dh * (2 * Q + 2 * K)
     if source.qkv_bias:

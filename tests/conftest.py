@@ -89,7 +89,7 @@ PER_GROUP_KIND = "llama_gqa_bias_untied"
 PER_GROUP_TARGET = "layers=2,hidden=36,heads=4,kv_heads=2,intermediate=50"
 
 
-def make_per_group_masked(seed: int = 0, dtype: torch.dtype = torch.float32):
+def make_per_group_masked(seed: int = 0):
     """A tiny GQA model under every mask type, random log_alpha, whose groups keep different heads.
 
     Returns:
@@ -98,7 +98,7 @@ def make_per_group_masked(seed: int = 0, dtype: torch.dtype = torch.float32):
     from shear.masks import MASK_TYPES
     from shear.patch import apply_masks
 
-    model = make_tiny(PER_GROUP_KIND, seed=seed).to(dtype)
+    model = make_tiny(PER_GROUP_KIND, seed=seed)
     masks = apply_masks(model, PER_GROUP_TARGET, types=list(MASK_TYPES))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
