@@ -153,6 +153,8 @@ _OPTION_HELP = {
     "init": "mask initialisation: importance (the one-shot choice from activation importance, "
     "keep probabilities at the targets) or uniform (the paper's log_alpha ~ N(5, 0.01))",
     "calibration_sequences": "training sequences on which --init importance measures activations",
+    "freeze_masks": "fraction of the last steps that train the weights under the masks frozen at "
+    "their deterministic values (0: the paper's, the masks learn to the end)",
     "eval_interval": "evaluate per domain every N steps",
     "checkpoint_interval": "checkpoint every N steps",
     "eval_sequences": "held-out sequences per domain",

@@ -73,6 +73,7 @@ class PruneConfig(TrainConfig):
     dynamic_interval: int = 50
     init: str = "importance"
     calibration_sequences: int = 32
+    freeze_masks: float = 0.0
 
     TASK: ClassVar[str] = "prune"
     MIN_STEPS: ClassVar[int] = 0
@@ -88,6 +89,8 @@ class PruneConfig(TrainConfig):
             raise ShearError(f"target_warmup must be in [0, 1], got {self.target_warmup}")
         if self.init not in INITS:
             raise ShearError(f"init must be {' or '.join(INITS)}, got {self.init!r}")
+        if not 0 <= self.freeze_masks <= 1:
+            raise ShearError(f"freeze_masks must be in [0, 1], got {self.freeze_masks}")
         if self.calibration_sequences <= 0:
             raise ShearError(f"calibration_sequences must be positive, got {self.calibration_sequences}")
         if self.steps == 0 and self.init != "importance":
@@ -97,15 +100,31 @@ class PruneConfig(TrainConfig):
 
 
 class PruningObjective(nn.Module):
-    """Model, masks and multipliers in one module, so DDP reduces all their gradients."""
+    """Model, masks and multipliers in one module, so DDP reduces all their gradients.
 
-    def __init__(self, model: nn.Module, masks: HardConcreteMasks, lagrangian: Lagrangian):
+    Args:
+        freeze_step: from this step on the masks are frozen at their deterministic values
+            (:meth:`HardConcreteMasks.freeze`) and the Lagrangian no longer acts; None: never.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        masks: HardConcreteMasks,
+        lagrangian: Lagrangian,
+        freeze_step: int | None = None,
+    ):
         super().__init__()
         self.model, self.masks, self.lagrangian = model, masks, lagrangian
+        self.freeze_step = freeze_step
 
     def forward(self, input_ids: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.freeze_step is not None and step >= self.freeze_step and self.masks.frozen is None:
+            self.masks.freeze()  # every rank: the same log_alpha, the same deterministic masks
         lm = self.model(input_ids, labels=input_ids, use_cache=False).loss
         lag, _ = self.lagrangian(self.masks.expected_sparsity(), step)
+        if self.masks.frozen is not None:
+            lag = lag * 0.0  # zero gradients, not none: DDP's reduction still sees every parameter
         return lm, lag
 
 
@@ -123,7 +142,9 @@ class PruneTask:
             masks, warmup_steps=round(cfg.target_warmup * cfg.steps), start=start
         ).to(next(masks.parameters()).device)
         attach_masks(model, masks)
-        self.objective = PruningObjective(model, masks, self.lagrangian)
+        frozen_steps = round(cfg.freeze_masks * cfg.steps)
+        freeze_step = cfg.steps - frozen_steps if frozen_steps else None
+        self.objective = PruningObjective(model, masks, self.lagrangian, freeze_step)
         self.optimizer = build_optimizer(
             model, masks, self.lagrangian, cfg.lr_weights, cfg.lr_masks, cfg.lr_lambdas
         )
@@ -135,9 +156,14 @@ class PruneTask:
         self.masks.clamp_()
 
     def record(self, step: int) -> dict[str, Any]:
-        kept = self.masks.expected_kept()
+        frozen = self.masks.frozen
+        if frozen is None:
+            kept = self.masks.expected_kept()
+        else:  # decided: the units the frozen masks keep
+            kept = {n: (z != 0).reshape(-1, z.shape[-1]).sum(-1).float() for n, z in frozen.items()}
         lag = self.lagrangian
         return {
+            "frozen": frozen is not None,
             "expected": {n: float(k.mean()) for n, k in kept.items()},
             "expected_min": {n: float(k.min()) for n, k in kept.items()},
             "expected_max": {n: float(k.max()) for n, k in kept.items()},

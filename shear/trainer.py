@@ -668,6 +668,8 @@ def _tensor_shapes(prefix: str, obj: Any) -> dict[str, list[int]]:
     items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list | tuple) else ()
     out: dict[str, list[int]] = {}
     for k, v in items:
+        if k == "_extra_state":  # a module's optional state (frozen masks): present or not, it fits
+            continue
         out.update(_tensor_shapes(f"{prefix}.{k}", v))
     return out
 
