@@ -157,6 +157,9 @@ _OPTION_HELP = {
     "seed": "random seed (masks, data order)",
     "precision": "auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16",
     "device": "auto, cpu or cuda[:N]",
+    "strategy": "under torchrun: ddp (every rank holds the model), fsdp (FSDP2: weights, gradients "
+    "and optimiser state sharded over the ranks) or auto (fsdp when `shear plan` says ddp does not "
+    "fit the device)",
     "num_workers": "DataLoader worker processes reading batches (any number gives the same batches)",
     "stop_after": "stop (with a checkpoint) after this many steps; continue later with --resume",
     "dynamic_interval": "steps between domain-weight updates",
@@ -198,6 +201,13 @@ def _add_run_options(p: argparse.ArgumentParser, config: type, defaults: dict[st
         "--domain-weights",
         default=argparse.SUPPRESS,
         help='initial domain weights, a JSON object or file (default: equal), e.g. {"code": 2}',
+    )
+    p.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="recompute each decoder layer's activations in the backward pass (less memory, "
+        "about a third more compute)",
     )
     for f in dataclasses.fields(config):
         if f.name not in _OPTION_HELP:
