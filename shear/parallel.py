@@ -104,7 +104,7 @@ class Parallel:
             The same model object (FSDP changes its class in place).
         """
         if self.activation_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable({"use_reentrant": False})
         if not self.sharded:
             return model
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
