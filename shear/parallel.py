@@ -130,7 +130,8 @@ class Parallel:
         """What the step calls: ``objective`` in DDP (several ranks), else itself."""
         if self.strategy == "ddp" and self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            return nn.parallel.DistributedDataParallel(objective, device_ids=ids)
+            # gradients as views of the buckets: no second copy of them (what the planner counts)
+            return nn.parallel.DistributedDataParallel(objective, device_ids=ids, gradient_as_bucket_view=True)
         return objective
 
     def accumulating(self, trainable: nn.Module, objective: nn.Module, last: bool) -> Any:
