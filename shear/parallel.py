@@ -131,7 +131,8 @@ class Parallel:
         if self.strategy == "ddp" and self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             # gradients as views of the buckets: no second copy of them (what the planner counts)
-            return nn.parallel.DistributedDataParallel(objective, device_ids=ids, gradient_as_bucket_view=True)
+            ddp = nn.parallel.DistributedDataParallel
+            return ddp(objective, device_ids=ids, gradient_as_bucket_view=True)
         return objective
 
     def accumulating(self, trainable: nn.Module, objective: nn.Module, last: bool) -> Any:
