@@ -6,7 +6,8 @@ holds at its peak, in bytes:
 * weights: fp32 master weights, all of them (DDP) or 1/N of them (FSDP) plus the gathered
   parameters in flight (FSDP: the root's embedding / LM head / final norm, and two decoder
   layers, the one computing and the one prefetched; in bf16 on GPU, fp32 on CPU);
-* gradients: fp32, the same split (FSDP: plus the unsharded gradients of the layers in flight);
+* gradients: fp32, the same split (FSDP: plus the unsharded gradients of the parameters in
+  flight, before they are reduce-scattered);
 * optimiser: AdamW's two fp32 moments, the same split;
 * activations: what one micro-batch keeps for the backward pass, per token and layer
   (the norms' inputs and outputs, q/k/v before and after RoPE, the attention output, the
@@ -135,7 +136,7 @@ def plan_memory(
     else:
         in_flight = source.embedding_params() + source.hidden + 2 * _layer_params(source)
         weights = 4 * params // world + act_bytes * in_flight
-        gradients = 4 * params // world + act_bytes * 2 * _layer_params(source)
+        gradients = 4 * params // world + act_bytes * in_flight  # unsharded until reduce-scattered
         optimizer = 8 * params // world
         teacher = act_bytes * (params // world + in_flight) if distill else 0
     activations = _activation_bytes(source, tokens, act_bytes, checkpointing, target is not None)
