@@ -239,6 +239,8 @@ def start_run(cfg: TrainConfig) -> RunContext:
     if cfg.batch_size % world:
         raise ShearError(f"batch size {cfg.batch_size} is not divisible by {world} ranks")
     device = resolve_device(cfg.device)
+    if device.type == "cuda" and device.index is not None:  # FSDP's mesh and NCCL read it from here
+        torch.cuda.set_device(device)
     out = Path(cfg.out)
     lock, error = None, None
     if rank == 0:
