@@ -4,6 +4,10 @@
 counts and, with a target, the target's counts, the masks a run would learn and the
 fractions it would prune. MODEL is a model folder, ``default`` or a bare config.json.
 
+``shear plan --model SRC [--target T] --world-size N --batch B --seq-len S [--strategy S]
+[--activation-checkpointing] [--distill] [--device-memory 80GB] [--json]``: per-rank memory of
+a run for DDP and FSDP from the config alone, and whether it fits (see :mod:`shear.plan`).
+
 ``shear doctor [--build] [--verbose] [--json]``: whether the C++ gather extension for
 export is built (by setup.py or in the cache), whether it could be, and the backend an
 export would use; ``--build`` compiles it now.

@@ -45,6 +45,7 @@ from shear.plan import measured_peak, run_plans, start_peak
 from shear.runfolder import (
     CHECKPOINT_FILE,
     LOG_FILE,
+    MEMORY_FILE,
     RunLock,
     RunLog,
     changed_options,
@@ -261,9 +262,12 @@ def start_run(cfg: TrainConfig) -> RunContext:
 
 
 def resolve_run_strategy(cfg: TrainConfig, world: int, device: torch.device) -> str:
-    """``--strategy``, with ``auto`` decided by the memory planner (:mod:`shear.plan`)."""
+    """``--strategy``, with ``auto`` decided by the memory planner (:mod:`shear.plan`); one
+    process has nothing to shard (``auto``: DDP's plain checkpoints)."""
     if cfg.strategy != "auto":
         return cfg.strategy
+    if world == 1:
+        return "ddp"
     from shear.plan import ddp_fits
 
     return "ddp" if ddp_fits(cfg, world, device) else "fsdp"
@@ -630,14 +634,16 @@ def run_loop(
 
 
 def log_memory(ctx: RunContext, step: int) -> None:
-    """Log the planner's per-rank figure for this run next to each rank's measured peak
-    (CUDA max allocated; on CPU the peak resident set above the one before the model loaded)."""
+    """Record the planner's per-rank figure for this session next to each rank's measured
+    peak (CUDA max allocated; on CPU the peak resident set above the one before the model
+    loaded) in ``memory.jsonl``, and say both on stderr."""
     peaks = ctx.parallel.gather_objects(measured_peak(ctx.device, ctx.memory_baseline))
     if not ctx.main:
         return
     plan = run_plans(ctx.cfg, ctx.world, ctx.device)[ctx.parallel.strategy]
-    record = {"planned": plan.summary(), "measured_peak": peaks, "strategy": ctx.parallel.strategy}
-    ctx.log.write({"step": step, "memory": record})
+    record = {"step": step, "strategy": ctx.parallel.strategy, "world_size": ctx.world}
+    # its own file: the step log of a resumed run stays that of a straight one
+    RunLog(ctx.out / MEMORY_FILE, True).write({**record, "planned": plan.summary(), "measured_peak": peaks})
     if peaks[0] is not None:
         ctx.say(
             f"peak memory per rank: planned {plan.total / 1e9:.3f} GB, measured "

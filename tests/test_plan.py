@@ -50,7 +50,7 @@ def test_planner_is_within_a_quarter_of_the_measured_cpu_peak(
         run_prune(PruneConfig(**options, target="layers=3,hidden=128,heads=2,kv_heads=1,intermediate=256"))
     else:
         run_train(TrainConfig(**options))
-    (memory,) = [r["memory"] for r in map(json.loads, open(tmp_path / "run" / "log.jsonl")) if "memory" in r]
+    (memory,) = list(map(json.loads, open(tmp_path / "run" / "memory.jsonl")))
     planned, (measured,) = memory["planned"]["total"], memory["measured_peak"]
     assert memory["strategy"] == "ddp" and (memory["planned"]["masks"] > 0) == (task == "prune")
     assert measured == pytest.approx(planned, rel=0.25), (planned, measured)
@@ -102,7 +102,7 @@ def test_planner_is_within_a_quarter_of_the_measured_cpu_peak_under_fsdp(small_s
                    seq_len=64, dynamic=False, export=False, eval_sequences=2, strategy="fsdp",
                    target="layers=3,hidden=128,heads=2,kv_heads=1,intermediate=256")  # fmt: skip
     _torchrun(tmp_path, "prune", options, 29661)
-    (memory,) = [r["memory"] for r in map(json.loads, open(tmp_path / "run" / "log.jsonl")) if "memory" in r]
+    (memory,) = list(map(json.loads, open(tmp_path / "run" / "memory.jsonl")))
     assert memory["strategy"] == "fsdp" and len(memory["measured_peak"]) == 2
     for measured in memory["measured_peak"]:
         assert measured == pytest.approx(memory["planned"]["total"], rel=0.25), (memory["planned"], measured)
