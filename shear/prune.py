@@ -226,13 +226,14 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
             a non-finite loss or gradient (the last good checkpoint is kept), a failed write,
             or another process using ``cfg.out``.
     """
-    from shear.loading import load_config, load_source  # transformers import
+    from shear.loading import load_config  # transformers import
 
     source = Arch.from_config(load_config(cfg.model))
     target = resolve_target(source, cfg.target)
     check_prunes(source, target, cfg.model)
     ctx = start_run(cfg)
-    model, tokenizer = load_source(cfg.model, device=ctx.device)
+    model, tokenizer = ctx.parallel.load(cfg.model)
+    model = ctx.parallel.shard(model)
     if tokenizer is None:
         raise ShearError(f"{cfg.model} has no tokenizer; shear prune needs one to read --data")
     corpus = build_corpus(
@@ -246,6 +247,7 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
         calibration = calibration_rows(corpus, cfg.calibration_sequences, cfg.seed)
         ctx.say(f"measuring activation importance on {cfg.calibration_sequences} training sequences")
         scores = activation_importance(model, source, calibration_batch(corpus, calibration), cfg.batch_size)
+        ctx.parallel.reshard(model)  # FSDP: every rank measured the same scores
         if ctx.main:
             write_text_atomic(ctx.out / "calibration.json", json.dumps(calibration) + "\n")
     task = build_task(cfg, model, source, target, ctx.device, scores)
@@ -283,10 +285,12 @@ def _finish_run(
     }
     if loop.stopped_early:  # resume later with --resume
         return result
-    if ctx.main and cfg.export:
+    export_dir = None
+    if cfg.export and (ctx.main or ctx.parallel.sharded):  # sharded: every rank sends its shards
+        export_dir = export_at_end(ctx, task, ctx.out / "export", tokenizer)
+    if ctx.main and export_dir is not None:
         from shear.report import write_report
 
-        export_dir = export_at_end(ctx, task, ctx.out / "export", tokenizer)
         exported_eval = evaluate_folder(export_dir, corpus, cfg.batch_size, ctx.device)
         result["export"] = str(export_dir)
         evals = {"source": source_eval, "masked": loop.final_eval, "exported": exported_eval}
