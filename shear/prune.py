@@ -40,6 +40,7 @@ from shear.importance import (
     activation_importance,
     calibration_batch,
     calibration_rows,
+    decided_sparsity,
     init_from_importance,
     keep_indicators,
 )
@@ -136,10 +137,13 @@ class PruneTask:
 
     def __init__(self, cfg: PruneConfig, model: nn.Module, masks: HardConcreteMasks, gen: torch.Generator):
         self.model, self.masks, self.gen = model, masks, gen
-        with torch.no_grad():  # the ramp starts where the initialisation put the masks (uniform: ~0)
-            start = {n: float(e.mean()) for n, e in masks.expected_sparsity().items()}
+        if cfg.init == "importance":  # decided from the start: hold them there, no ramp
+            start = final = decided_sparsity(masks)
+        else:  # the paper's: ramp from where the initialisation puts the masks (~0) to 1 - k / n
+            with torch.no_grad():
+                start, final = {n: float(e.mean()) for n, e in masks.expected_sparsity().items()}, None
         self.lagrangian = Lagrangian(
-            masks, warmup_steps=round(cfg.target_warmup * cfg.steps), start=start
+            masks, warmup_steps=round(cfg.target_warmup * cfg.steps), start=start, final=final
         ).to(next(masks.parameters()).device)
         attach_masks(model, masks)
         frozen_steps = round(cfg.freeze_masks * cfg.steps)
