@@ -9,8 +9,9 @@ tokens in all). Variants:
     activation importance, no gradient step (``shear prune --one-shot``), then ``shear
     train``: P steps for the pruning-stage column, P + T steps for the final one.
 ``paper``
-    the paper's recipe: uniform mask initialisation, LM loss, the paper's dynamic loading
-    (eta 1, no floor); then T steps of ``shear train`` with the same rule.
+    the paper's recipe: uniform mask initialisation, masks learned to the last step, LM
+    loss, the paper's dynamic loading (eta 1, no floor); then T steps of ``shear train``
+    with the same rule.
 ``importance``
     shear's defaults: masks initialised from importance, then T steps of ``shear train``.
 ``importance-fixed``
@@ -42,6 +43,8 @@ from shear.trainer import TrainConfig
 VARIANTS = ("one-shot", "paper", "importance", "importance-fixed")
 #: The paper's dynamic batch loading: step 1 on the loss gap, no floor.
 PAPER_DYNAMIC = dict(dynamic_eta=1.0, min_domain_weight=0.0)
+#: The paper's pruning: uniform initialisation, masks learned to the last step.
+PAPER_PRUNING = dict(init="uniform", freeze_masks=0.0, **PAPER_DYNAMIC)
 
 
 def _prune(out: Path, common: dict[str, Any], **kw: Any) -> dict[str, Any]:
@@ -120,7 +123,7 @@ def run_quality(
             results["variants"][name] = {"pruned": pruned, "final": final, "masks": None}
             continue
         if name == "paper":
-            r = _prune(out / name / "prune", prune_common, init="uniform", **PAPER_DYNAMIC)
+            r = _prune(out / name / "prune", prune_common, **PAPER_PRUNING)
             export = out / name / "prune" / "export"
             final = _train(out / name / "train", export, train_common, **PAPER_DYNAMIC)
         elif name in ("importance", "importance-fixed"):
