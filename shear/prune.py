@@ -1,7 +1,8 @@
 """The pruning driver: learn masks to a target under the Lagrangian, then export.
 
 One optimiser step (method.md): for each of ``grad_accum`` micro-batches, a fresh mask
-sample, LM loss plus the Lagrangian, backward; then gradient clipping (weights and
+sample, LM loss (or with ``--distill-weight`` the distillation loss from a frozen copy of
+the source, :mod:`shear.distill`) plus the Lagrangian, backward; then gradient clipping (weights and
 log_alpha), AdamW over the three groups (lambdas by ascent), the cosine schedule with
 warm-up, and the log_alpha clamp. The loop, evaluation, dynamic batch loading (every 50
 steps by default, as in the paper), checkpoints and resume are the shared trainer's
@@ -33,6 +34,7 @@ from torch import nn
 from shear.arch import Arch
 from shear.checkpoint import write_text_atomic
 from shear.data import build_corpus
+from shear.distill import build_distiller, lm_loss
 from shear.errors import ShearError
 from shear.export import DEFAULT_MAX_SHARD_SIZE
 from shear.lagrangian import Lagrangian, build_optimizer
@@ -76,12 +78,15 @@ class PruneConfig(TrainConfig):
 class PruningObjective(nn.Module):
     """Model, masks and multipliers in one module, so DDP reduces all their gradients."""
 
+    #: set by run_prune with --distill-weight > 0 (a plain object: the teacher is no submodule)
+    distiller = None
+
     def __init__(self, model: nn.Module, masks: HardConcreteMasks, lagrangian: Lagrangian):
         super().__init__()
         self.model, self.masks, self.lagrangian = model, masks, lagrangian
 
     def forward(self, input_ids: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        lm = self.model(input_ids, labels=input_ids, use_cache=False).loss
+        lm = lm_loss(self.model, input_ids, self.distiller)
         lag, _ = self.lagrangian(self.masks.expected_sparsity(), step)
         return lm, lag
 
@@ -94,6 +99,7 @@ class PruneTask:
 
     def __init__(self, cfg: PruneConfig, model: nn.Module, masks: HardConcreteMasks, gen: torch.Generator):
         self.model, self.masks, self.gen = model, masks, gen
+        self.source_model = cfg.model  # recorded in the export: `shear train` distils from it
         self.lagrangian = Lagrangian(masks, warmup_steps=round(cfg.target_warmup * cfg.steps)).to(
             next(masks.parameters()).device
         )
@@ -151,7 +157,7 @@ class PruneTask:
         self.model.eval()
         return export_pruned(
             self.model, self.masks, out, tokenizer=tokenizer, overwrite=True, backend=backend,
-            max_shard_size=max_shard_size,
+            max_shard_size=max_shard_size, source_model=self.source_model,
         )  # fmt: skip
 
 
@@ -185,7 +191,9 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
     # the source's losses, measured before the masks go in: the report's baseline and the
     # documented fallback reference for dynamic batch loading
     source_eval = None if cfg.resume else ctx.evaluate(model, corpus)
+    distiller = build_distiller(cfg, ctx, model, copy_student=True)  # before the masks go in
     task = build_task(cfg, model, source, target, ctx.device)
+    task.objective.distiller = distiller
     loop, extra = run_loop(ctx, task, corpus, source_eval, {"source_eval": source_eval})
     source_eval = extra["source_eval"]
     reference = loop.reference or source_eval

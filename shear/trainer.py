@@ -82,6 +82,9 @@ class TrainConfig:
     dynamic_rule: str = "paper"
     reference_losses: dict[str, float] | None = None
     reference_model: str | None = None
+    distill_weight: float = 0.0
+    distill_temperature: float = 1.0
+    teacher: str | None = None
     export: bool = True
     resume: bool = False
     stop_after: int | None = None
@@ -100,7 +103,12 @@ class TrainConfig:
 
     def input_paths(self) -> dict[str, str | None]:
         """``{option: path}`` of everything the run reads; it never writes into any of them."""
-        return {"--model": self.model, "--data": self.data, "--reference-model": self.reference_model}
+        return {
+            "--model": self.model,
+            "--data": self.data,
+            "--reference-model": self.reference_model,
+            "--teacher": self.teacher,
+        }
 
     def check(self) -> None:
         """Raise ShearError for option values that cannot work."""
@@ -126,6 +134,10 @@ class TrainConfig:
             raise ShearError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ShearError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if not 0 <= self.distill_weight <= 1:  # NaN fails too
+            raise ShearError(f"distill_weight must be in [0, 1], got {self.distill_weight}")
+        if not (math.isfinite(self.distill_temperature) and self.distill_temperature > 0):
+            raise ShearError(f"distill_temperature must be a finite number > 0, got {self.distill_temperature}")
         if self.dynamic_rule not in RULES:
             raise ShearError(f"dynamic_rule must be {' or '.join(RULES)}, got {self.dynamic_rule!r}")
         for name in ("domain_weights", "reference_losses"):
@@ -180,11 +192,18 @@ class RunContext:
         if self.main:
             print(f"shear: {message}", file=sys.stderr, flush=True)
 
-    def autocast(self) -> Any:
-        """bf16 autocast on GPU (or when asked), else nothing."""
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """bfloat16 where the run autocasts (GPU, or when asked), else float32."""
         p = self.cfg.precision
         bf16 = p == "bf16" or (p == "auto" and self.device.type == "cuda")
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+        return torch.bfloat16 if bf16 else torch.float32
+
+    def autocast(self) -> Any:
+        """bf16 autocast on GPU (or when asked), else nothing."""
+        if self.compute_dtype == torch.bfloat16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
 
     def evaluate(self, model: nn.Module, corpus: Corpus) -> dict[str, float] | None:
         """Per-domain held-out loss on rank 0 (None elsewhere)."""
