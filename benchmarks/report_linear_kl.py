@@ -65,7 +65,7 @@ def run_once(provider: str, tensors: list[torch.Tensor], args: argparse.Namespac
     fn = dispatch.linear_kl if provider == "fused" else linear_kl_eager
     loss = fn(h_s, w_s, h_t, w_t, labels, args.temperature, args.kl_weight)
     loss.backward()
-    return float(loss)
+    return float(loss.detach())
 
 
 def _sync(device: str) -> None:
@@ -121,8 +121,19 @@ def measure(args: argparse.Namespace) -> dict:
         "transformers": transformers.__version__,
         "date": datetime.date.today().isoformat(),
         "fused_path": "triton" if dispatch.use_triton(tensors[0]) else "reference (chunked PyTorch)",
-        "config": {k: getattr(args, k) for k in ("tokens", "vocab", "hidden", "teacher_hidden", "dtype",
-                                                 "kl_weight", "temperature", "rounds")},  # fmt: skip
+        "config": {
+            k: getattr(args, k)
+            for k in (
+                "tokens",
+                "vocab",
+                "hidden",
+                "teacher_hidden",
+                "dtype",
+                "kl_weight",
+                "temperature",
+                "rounds",
+            )
+        },  # fmt: skip
         "logits_mib_per_model": args.tokens * args.vocab * elem / 2**20,
         "providers": {p: {"median_ms": med[p], "peak_mib": peaks[p], "loss": losses[p]} for p in PROVIDERS},
         "fused_over_eager_time": med["fused"] / med["eager"],

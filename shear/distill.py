@@ -147,10 +147,11 @@ def build_distiller(cfg: Any, ctx: Any, student: nn.Module, copy_student: bool) 
                 f"records no source model in {EXPORT_RECORD})"
             )
         teacher, _ = load_source(name, device=ctx.device)
-    vocab = (lm_head_weight(student).shape[0], lm_head_weight(teacher).shape[0])
-    if vocab[0] != vocab[1]:
-        raise ShearError(f"teacher {name}: its vocabulary ({vocab[1]}) differs from the student's ({vocab[0]})")
-    distiller = Distiller(teacher.to(device=ctx.device, dtype=dtype), cfg.distill_weight, cfg.distill_temperature)
+    mine, theirs = lm_head_weight(student).shape[0], lm_head_weight(teacher).shape[0]
+    if mine != theirs:
+        raise ShearError(f"teacher {name}: its vocabulary ({theirs}) differs from the student's ({mine})")
+    teacher = teacher.to(device=ctx.device, dtype=dtype)
+    distiller = Distiller(teacher, cfg.distill_weight, cfg.distill_temperature)
     n = sum(p.numel() for p in teacher.parameters())
     size = sum(p.numel() * p.element_size() for p in teacher.parameters())
     ctx.say(

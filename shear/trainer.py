@@ -137,7 +137,7 @@ class TrainConfig:
         if not 0 <= self.distill_weight <= 1:  # NaN fails too
             raise ShearError(f"distill_weight must be in [0, 1], got {self.distill_weight}")
         if not (math.isfinite(self.distill_temperature) and self.distill_temperature > 0):
-            raise ShearError(f"distill_temperature must be a finite number > 0, got {self.distill_temperature}")
+            raise ShearError(f"distill_temperature must be finite and > 0, got {self.distill_temperature}")
         if self.dynamic_rule not in RULES:
             raise ShearError(f"dynamic_rule must be {' or '.join(RULES)}, got {self.dynamic_rule!r}")
         for name in ("domain_weights", "reference_losses"):

@@ -91,3 +91,20 @@ def test_teacher_sources(tiny_source, tmp_path):
     other.save_pretrained(other_dir)
     with pytest.raises(ShearError, match="vocabulary"):
         build_distiller(_cfg(teacher=str(other_dir)), _ctx(), student, copy_student=False)
+
+
+def test_cli_options_reach_the_run(tiny_source, data_dir, tmp_path, capsys):
+    from shear.cli import main
+
+    out = tmp_path / "run"
+    args = ["train", "--model", tiny_source, "--data", data_dir, "--out", str(out), "--steps", "1",
+            "--batch-size", "2", "--seq-len", "16", "--fixed", "--no-export", "--distill-weight", "0.5",
+            "--distill-temperature", "2", "--teacher", tiny_source]  # fmt: skip
+    assert main(args) == 0
+    options = json.loads((out / "config.json").read_text())
+    assert (options["distill_weight"], options["distill_temperature"], options["teacher"]) == (
+        0.5,
+        2.0,
+        tiny_source,
+    )
+    assert "distillation: teacher" in capsys.readouterr().err

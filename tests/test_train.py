@@ -107,11 +107,15 @@ def test_distillation_from_the_recorded_source_resumes_exactly(tiny_source, data
     run_train(_cfg(pruned, data_dir, tmp_path / "split", resume=True, **kw))
     plain = _cfg(pruned, data_dir, tmp_path / "plain", **fixed_kw)
     run_train(plain)
-    losses = {r: [x["loss"] for x in _log(tmp_path / r) if "loss" in x] for r in ("straight", "split", "plain")}
+    losses = {
+        r: [x["loss"] for x in _log(tmp_path / r) if "loss" in x] for r in ("straight", "split", "plain")
+    }
     assert len(losses["straight"]) == 6 and losses["straight"] == losses["split"]
     assert losses["straight"] != losses["plain"]  # the teacher changes the objective
     with pytest.raises(ShearError, match="needs a teacher"):  # no record, no --teacher
-        run_train(dataclasses.replace(plain, model=tiny_source, out=str(tmp_path / "none"), distill_weight=0.5))
+        run_train(
+            dataclasses.replace(plain, model=tiny_source, out=str(tmp_path / "none"), distill_weight=0.5)
+        )
 
 
 def test_dynamic_needs_complete_reference_losses(tiny_source, data_dir, tmp_path):
