@@ -189,9 +189,10 @@ def zero_half_pattern(arch: Arch, pattern: str = "blocks", seed: int = 0) -> dic
     Args:
         arch: the (one-layer) architecture.
         pattern: ``blocks``: the zeros are contiguous (the first half of the channels / KV
-            groups): kernels that skip whole blocks of zero channels see every zero;
-            ``random``: a random half, as sampled masks scatter them (block skipping then finds
-            almost no all-zero block of channels).
+            groups, the same heads in every group): kernels that skip whole blocks of zero
+            channels see every zero; ``random``: a random half (each KV group its own heads),
+            as sampled masks scatter them (block skipping then finds almost no all-zero block
+            of channels).
         seed: RNG seed of ``random``.
 
     Returns:
@@ -209,16 +210,18 @@ def zero_half_pattern(arch: Arch, pattern: str = "blocks", seed: int = 0) -> dic
         raise ValueError(f"unknown zero pattern {pattern!r}")
     a, b = _closest_half_heads(arch.kv_heads, arch.heads_per_group)
     L = arch.layers
+    kv = half(arch.kv_heads, a)
+    head = torch.stack([half(arch.heads_per_group, b) for _ in range(arch.kv_heads)])  # each group its own
     return {
-        "kv": half(arch.kv_heads, a).expand(L, -1).clone(),
-        "head": half(arch.heads_per_group, b).expand(L, -1).clone(),
+        "kv": kv.expand(L, -1).clone(),
+        "head": head.expand(L, -1, -1).clone(),
         "intermediate": half(arch.intermediate, arch.intermediate // 2).expand(L, -1).clone(),
     }
 
 
 def zero_fractions(arch: Arch, pattern: dict[str, torch.Tensor]) -> tuple[float, float]:
     """(fraction of query heads, fraction of intermediate channels) that the pattern zeroes."""
-    heads = (pattern["kv"][0][:, None] * pattern["head"][0][None, :]).flatten()
+    heads = (pattern["kv"][0][:, None] * pattern["head"][0]).flatten()
     return float((heads == 0).float().mean()), float((pattern["intermediate"][0] == 0).float().mean())
 
 

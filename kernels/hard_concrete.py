@@ -414,7 +414,8 @@ def deterministic_masks(log_alphas: Sequence[torch.Tensor], keeps: Sequence[int]
     come from one :func:`shear_soft_mask` launch over the concatenation.
 
     Args:
-        log_alphas: mask parameters, each 1-D or 2-D (rows are layers).
+        log_alphas: mask parameters of any shape; a row is the last dimension (one per
+            layer, or per (layer, KV group) for the ``head`` mask).
         keeps: units to keep per row, one count per log_alpha.
 
     Returns:

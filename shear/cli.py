@@ -148,7 +148,11 @@ _OPTION_HELP = {
     "lr_lambdas": "step size of the gradient ascent on the Lagrange multipliers",
     "lr_warmup": "fraction of the steps with linear learning-rate warm-up (then cosine decay)",
     "min_lr_ratio": "final learning rate as a fraction of the peak",
-    "target_warmup": "fraction of the steps over which the target sparsities ramp up from 0",
+    "target_warmup": "fraction of the steps over which the target sparsities ramp up (from 0, or "
+    "with --init importance from where the initialisation puts the masks)",
+    "init": "mask initialisation: importance (the one-shot choice from activation importance, "
+    "keep probabilities at the targets) or uniform (the paper's log_alpha ~ N(5, 0.01))",
+    "calibration_sequences": "training sequences on which --init importance measures activations",
     "eval_interval": "evaluate per domain every N steps",
     "checkpoint_interval": "checkpoint every N steps",
     "eval_sequences": "held-out sequences per domain",
@@ -166,6 +170,8 @@ _OPTION_HELP = {
     "distill_temperature": "softmax temperature T of the distillation KL",
     "teacher": "the teacher for --distill-weight (prune default: a frozen copy of --model; train "
     "default: the source recorded in the pruned export)",
+    "dynamic_eta": "step size on the loss gaps of each domain-weight update (the paper: 1)",
+    "min_domain_weight": "least weight of any domain after an update (0: none)",
     "reference_model": "with dynamic loading and no --reference-losses: use this model's measured "
     "held-out losses as the references (documented fallback)",
 }
@@ -292,6 +298,8 @@ def _run(args: argparse.Namespace, config: type, runner: Any, required: Sequence
 def _cmd_prune(args: argparse.Namespace) -> int:
     from shear.prune import PruneConfig, run_prune
 
+    if args.one_shot:
+        args.steps = 0
     return _run(args, PruneConfig, run_prune, ("model", "target", "data"))
 
 
@@ -413,7 +421,8 @@ DEMO_TARGET = "layers=24,hidden=384,heads=6,kv_heads=2,intermediate=1024"
 #: short run still shows several; continued pre-training uses 3e-4 to recover faster in few steps.
 DEMO_BUDGET_CPU = {
     "prune": dict(steps=80, batch_size=4, seq_len=128, eval_interval=20, checkpoint_interval=40,
-                  target_warmup=0.5, lr_warmup=0.1, lr_masks=0.3, lr_lambdas=1.0, dynamic_interval=20),
+                  target_warmup=0.5, lr_warmup=0.1, lr_weights=3e-4, lr_masks=0.3, lr_lambdas=1.0,
+                  dynamic_interval=20),
     "train": dict(steps=60, batch_size=4, seq_len=128, eval_interval=20, checkpoint_interval=30,
                   lr_warmup=0.1, lr_weights=3e-4, dynamic_interval=20),
 }  # fmt: skip
@@ -566,6 +575,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--types", nargs="+", choices=MASK_TYPES, default=argparse.SUPPRESS, help="mask types to learn"
     )
     pp.add_argument("--resume", action="store_true", help=resume_help)
+    pp.add_argument(
+        "--one-shot",
+        action="store_true",
+        help="no training: export the one-shot choice of activation importance (= --steps 0)",
+    )
     pp.add_argument(
         "--no-export",
         action="store_true",

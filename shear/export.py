@@ -5,6 +5,9 @@ keeps the units whose mask is non-zero, folds the kept mask values into the weig
 slices every tensor, so that the exported model computes exactly what the masked model
 computes under the deterministic masks:
 
+* q_proj rows / o_proj columns: for each kept KV group, its own kept query heads, packed
+  group after group (the Hugging Face GQA layout of the target); k_proj / v_proj rows:
+  the kept KV groups.
 * o_proj: columns of kept heads scaled by ``kv * head``; rows of kept hidden dimensions
   scaled by ``layer * head_layer * hidden`` (its bias too).
 * up_proj: rows of kept channels scaled by ``intermediate`` (its bias too).
@@ -575,11 +578,11 @@ def _kept(z: torch.Tensor | None, size: int) -> tuple[torch.Tensor, torch.Tensor
     return idx, z.detach().cpu().float()[idx]
 
 
-def _uniform(counts: list[int], what: str, expected: int) -> None:
+def _uniform(counts: list[int], what: str, expected: int, per: str = "layer") -> None:
     if any(c != expected for c in counts):
         raise ShearError(
-            f"cannot export: kept {what} per layer are {counts}, but the target needs {expected} in "
-            "every layer (use the deterministic masks)"
+            f"cannot export: kept {what} per {per} are {counts}, but the target needs {expected} in "
+            f"every {per} (use the deterministic masks)"
         )
 
 
@@ -617,20 +620,24 @@ def export_plan(
         layer = decoder.layers[old]
         attn, mlp = layer.self_attn, layer.mlp
         groups, g_scale = _kept(z["kv"][old] if "kv" in z else None, src.kv_heads)
-        within, j_scale = _kept(z["head"][old] if "head" in z else None, n)
         kv_counts.append(len(groups))
-        head_counts.append(len(within))
-        heads = (groups[:, None] * n + within[None, :]).flatten()
-        head_scale = product(
-            g_scale[:, None] if g_scale is not None else None,
-            j_scale[None, :] if j_scale is not None else None,
-        )
+        # each kept group brings its own kept query heads, packed in the HF layout: new
+        # query head i * n' + j' reads new KV head i
+        heads, head_scale = [], []
+        for i, g in enumerate(groups.tolist()):
+            within, j_scale = _kept(z["head"][old, g] if "head" in z else None, n)
+            head_counts.append(len(within))
+            heads.append(g * n + within)
+            scale = product(g_scale[i] if g_scale is not None else None, j_scale)
+            if scale is not None:
+                head_scale.append(scale.expand(len(within)))
+        heads = torch.cat(heads) if heads else torch.zeros(0, dtype=torch.long)
         ar = torch.arange(dh)
         q_rows = (heads[:, None] * dh + ar).flatten()
         kv_rows = (groups[:, None] * dh + ar).flatten()
         o_col_scale = None
-        if head_scale is not None:
-            o_col_scale = head_scale.expand(len(groups), len(within)).reshape(-1, 1).expand(-1, dh).flatten()
+        if head_scale:
+            o_col_scale = torch.cat(head_scale)[:, None].expand(-1, dh).flatten()
         head_layer = z["head_layer"][old] if "head_layer" in z else None
         mlp_z = z["mlp"][old] if "mlp" in z else None
         attn_out = product(hid_scale, lz, head_layer)
@@ -661,7 +668,7 @@ def export_plan(
 
     target = masks.target
     _uniform(kv_counts, "KV groups", target.kv_heads)
-    _uniform(head_counts, "query heads per group", target.heads_per_group)
+    _uniform(head_counts, "query heads", target.heads_per_group, per="kept (layer, KV group)")
     _uniform(int_counts, "MLP channels", target.intermediate)
     arch = src.replace(
         layers=len(layers),
@@ -728,7 +735,8 @@ def export_pruned(
 
     Args:
         model: the masked source model.
-        masks: its masks (the deterministic masks are used).
+        masks: its masks (the values the model evaluates with are used: the deterministic
+            masks, or those fixed with :meth:`HardConcreteMasks.fixed`).
         out_dir: destination folder; must not exist unless ``overwrite``.
         tokenizer: saved alongside if given.
         dtype: dtype of the saved weights (default: each source tensor's dtype).
@@ -752,7 +760,7 @@ def export_pruned(
     if out.exists() and not overwrite:
         raise ShearError(f"export destination {out} already exists (pass overwrite=True to replace it)")
     with torch.no_grad():
-        z = masks.deterministic()
+        z = masks.values(training=False)
     plan, arch = export_plan(model, masks, z)
     config = export_config(model, arch, kept_layers(masks, z))
     if dtype is not None:

@@ -8,15 +8,17 @@ mask           shape     multiplies
 layer          [L]       the attention and the MLP output of that layer
 head_layer     [L]       the whole attention output (after o_proj)
 mlp            [L]       the whole MLP output (after down_proj)
-head           [L, n]    query head j of every KV group (shared across groups)
+head           [L, G, n] query head j of KV group g (each group chooses its own)
 kv             [L, G]    every query head of KV group g (for MHA: each head)
 intermediate   [L, I]    the up_proj output, before silu(gate) * up
 hidden         [d]       every read (RMSNorm outputs) and write (o_proj, down_proj)
 =============  ========  =========================================================
 
-A query head h = g * n + j of layer l is scaled by ``kv[l, g] * head[l, j]``; that is
-the Hugging Face GQA layout (``repeat_kv`` maps query head h to KV head h // n), so any
-mask result is a valid uniform GQA configuration.
+A query head h = g * n + j of layer l is scaled by ``kv[l, g] * head[l, g, j]``; that is
+the Hugging Face GQA layout (``repeat_kv`` maps query head h to KV head h // n). The
+deterministic head mask keeps the same count in every (layer, group) row but each group
+picks its own heads; export packs every kept group's heads contiguously (their order within
+a group does not matter), so any mask result is a valid uniform GQA configuration.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ class MaskSpec:
 
     Attributes:
         name: a member of :data:`MASK_TYPES`.
-        shape: shape of its log_alpha (``[size]`` or ``[layers, size]``).
+        shape: shape of its log_alpha: ``[size]``, ``[layers, size]`` or, for ``head``,
+            ``[layers, groups, size]``; a row is the last dimension.
         target: units kept per row in the target architecture.
     """
 
@@ -68,7 +71,7 @@ def mask_shapes(source: Arch) -> dict[str, tuple[int, ...]]:
         "layer": (L,),
         "head_layer": (L,),
         "mlp": (L,),
-        "head": (L, source.heads_per_group),
+        "head": (L, source.kv_heads, source.heads_per_group),
         "kv": (L, source.kv_heads),
         "intermediate": (L, source.intermediate),
         "hidden": (source.hidden,),
@@ -179,10 +182,7 @@ def combine_layer_masks(source: Arch, z: dict[str, torch.Tensor]) -> LayerMasks:
     head, kv = z.get("head"), z.get("kv")
     if head is not None or kv is not None:
         n, G = source.heads_per_group, source.kv_heads
-        per_head = product(
-            kv[:, :, None] if kv is not None else None,
-            head[:, None, :] if head is not None else None,
-        ).expand(L, G, n)
+        per_head = product(kv[:, :, None] if kv is not None else None, head).expand(L, G, n)
         attn_in = per_head.reshape(L, G * n)
     return LayerMasks(
         attn_in=attn_in,
@@ -286,8 +286,19 @@ class HardConcreteMasks(nn.Module):
     # --- constraint quantities -----------------------------------------------------------
 
     def expected_sparsity(self) -> dict[str, torch.Tensor]:
-        """Expected fraction of pruned units per type: 1 - mean P(z > 0) (per row, then averaged)."""
-        return {n: 1.0 - p.mean() for n, p in self.keep_probabilities().items()}
+        """Expected fraction of pruned units of every row: 1 - mean P(z > 0) over the last dimension.
+
+        Returns:
+            By type, a 1-D tensor with one entry per row (a 1-D mask is one row; a
+            ``[L, ...]`` mask has one row per leading index, e.g. per layer), which the
+            Lagrangian holds to the target row by row.
+        """
+        return {n: 1.0 - p.reshape(-1, p.shape[-1]).mean(-1) for n, p in self.keep_probabilities().items()}
+
+    def expected_kept(self) -> dict[str, torch.Tensor]:
+        """Expected kept units of every row, by type (1-D, one entry per row; no gradient)."""
+        with torch.no_grad():
+            return {n: p.reshape(-1, p.shape[-1]).sum(-1) for n, p in self.keep_probabilities().items()}
 
     def expected_params(self) -> torch.Tensor:
         """Expected prunable parameter count under the keep probabilities (differentiable)."""
@@ -304,7 +315,7 @@ def expected_prunable_params(source: Arch, probs: dict[str, torch.Tensor]) -> to
     """Expected prunable parameters given keep probabilities (or 0/1 indicators) by type.
 
     E = sum_l s_attn[l] (D dh (2Q_l + 2K_l) + biases) + s_mlp[l] (3 D I_l + biases), with
-    D = sum s_hidden, K_l = sum_g s_kv[l, g], Q_l = K_l * sum_j s_head[l, j],
+    D = sum s_hidden, K_l = sum_g s_kv[l, g], Q_l = sum_g s_kv[l, g] sum_j s_head[l, g, j],
     I_l = sum_k s_int[l, k], s_attn = s_layer s_head_layer, s_mlp = s_layer s_mlp.
     With every probability at 1 it equals ``source.prunable_params()``; with 0/1 values of
     a uniform result it equals that architecture's exact count.
@@ -329,8 +340,11 @@ def expected_prunable_params(source: Arch, probs: dict[str, torch.Tensor]) -> to
         return probs[name] if name in probs else torch.ones(L, **kw)
 
     D = probs["hidden"].sum() if "hidden" in probs else torch.tensor(float(source.hidden), **kw)
-    K = rows("kv", source.kv_heads)
-    Q = K * rows("head", source.heads_per_group)
+    kv = probs["kv"] if "kv" in probs else torch.ones(L, source.kv_heads, **kw)
+    K = kv.sum(-1)
+    # query heads of each group, [L, G]: every group keeps its own
+    per_group = probs["head"].sum(-1) if "head" in probs else float(source.heads_per_group)
+    Q = (kv * per_group).sum(-1)
     I = rows("intermediate", source.intermediate)  # noqa: E741
     attn = D * dh * (2 * Q + 2 * K)
     if source.qkv_bias:

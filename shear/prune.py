@@ -34,15 +34,25 @@ from torch import nn
 from shear.arch import Arch
 from shear.checkpoint import write_text_atomic
 from shear.data import build_corpus
+from shear.data.corpus import Corpus
 from shear.distill import build_distiller, lm_loss
 from shear.errors import ShearError
 from shear.export import DEFAULT_MAX_SHARD_SIZE
+from shear.importance import (
+    activation_importance,
+    calibration_batch,
+    calibration_rows,
+    init_from_importance,
+    keep_indicators,
+)
 from shear.lagrangian import Lagrangian, build_optimizer
 from shear.masks import HardConcreteMasks
 from shear.patch import attach_masks
 from shear.runfolder import hold_run_lock
 from shear.target import resolve_target
 from shear.trainer import (
+    LoopResult,
+    RunContext,
     TrainConfig,
     check_rate,
     evaluate_folder,
@@ -63,16 +73,29 @@ class PruneConfig(TrainConfig):
     target_warmup: float = 0.2
     mask_types: list[str] | None = None
     dynamic_interval: int = 50
+    init: str = "importance"
+    calibration_sequences: int = 32
 
     TASK: ClassVar[str] = "prune"
+    MIN_STEPS: ClassVar[int] = 0
 
     def check(self) -> None:
         """Raise ShearError for option values that cannot work."""
+        from shear.importance import INITS
+
         super().check()
         check_rate("lr_masks", self.lr_masks)
         check_rate("lr_lambdas", self.lr_lambdas)
         if not 0 <= self.target_warmup <= 1:
             raise ShearError(f"target_warmup must be in [0, 1], got {self.target_warmup}")
+        if self.init not in INITS:
+            raise ShearError(f"init must be {' or '.join(INITS)}, got {self.init!r}")
+        if self.calibration_sequences <= 0:
+            raise ShearError(f"calibration_sequences must be positive, got {self.calibration_sequences}")
+        if self.steps == 0 and self.init != "importance":
+            raise ShearError(
+                "--steps 0 (--one-shot) exports the importance choice: it needs --init importance"
+            )
 
 
 class PruningObjective(nn.Module):
@@ -100,9 +123,11 @@ class PruneTask:
     def __init__(self, cfg: PruneConfig, model: nn.Module, masks: HardConcreteMasks, gen: torch.Generator):
         self.model, self.masks, self.gen = model, masks, gen
         self.source_model = cfg.model  # recorded in the export: `shear train` distils from it
-        self.lagrangian = Lagrangian(masks, warmup_steps=round(cfg.target_warmup * cfg.steps)).to(
-            next(masks.parameters()).device
-        )
+        with torch.no_grad():  # the ramp starts where the initialisation put the masks (uniform: ~0)
+            start = {n: float(e.mean()) for n, e in masks.expected_sparsity().items()}
+        self.lagrangian = Lagrangian(
+            masks, warmup_steps=round(cfg.target_warmup * cfg.steps), start=start
+        ).to(next(masks.parameters()).device)
         attach_masks(model, masks)
         self.objective = PruningObjective(model, masks, self.lagrangian)
         self.optimizer = build_optimizer(
@@ -116,11 +141,12 @@ class PruneTask:
         self.masks.clamp_()
 
     def record(self, step: int) -> dict[str, Any]:
-        with torch.no_grad():
-            expected = {n: float(p.sum(-1).mean()) for n, p in self.masks.keep_probabilities().items()}
+        kept = self.masks.expected_kept()
         lag = self.lagrangian
         return {
-            "expected": expected,
+            "expected": {n: float(k.mean()) for n, k in kept.items()},
+            "expected_min": {n: float(k.min()) for n, k in kept.items()},
+            "expected_max": {n: float(k.max()) for n, k in kept.items()},
             "target": {n: s.size * (1 - lag.target_at(n, step)) for n, s in self.masks.specs.items()},
             "final_target": {n: s.target for n, s in self.masks.specs.items()},
             "lambda_1": {n: v.detach().item() for n, v in lag.lambda_1.items()},
@@ -128,7 +154,11 @@ class PruneTask:
         }
 
     def postfix(self, r: dict[str, Any]) -> str:
-        dims = " ".join(f"{n}={r['expected'][n]:.0f}/{r['final_target'][n]}" for n in r["expected"])
+        # the spread over rows, not only the mean: the Lagrangian holds every row to the target
+        dims = " ".join(
+            f"{n}={r['expected_min'][n]:.0f}-{r['expected_max'][n]:.0f}/{r['final_target'][n]}"
+            for n in r["expected"]
+        )
         lam = " ".join(f"{v:+.2f}" for v in r["lambda_1"].values())
         return f"loss={r['loss']:.3f} lag={r['lagrangian']:+.3f} {dims} lambda1=[{lam}]"
 
@@ -191,11 +221,38 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
     # the source's losses, measured before the masks go in: the report's baseline and the
     # documented fallback reference for dynamic batch loading
     source_eval = None if cfg.resume else ctx.evaluate(model, corpus)
-    distiller = build_distiller(cfg, ctx, model, copy_student=True)  # before the masks go in
-    task = build_task(cfg, model, source, target, ctx.device)
+    # the teacher: a copy of the source as loaded, before masks or a checkpoint touch it
+    distiller = build_distiller(cfg, ctx, model, copy_student=True) if cfg.steps else None
+    calibration, scores = None, None
+    if cfg.init == "importance" and not cfg.resume:  # a resume restores log_alpha instead
+        calibration = calibration_rows(corpus, cfg.calibration_sequences, cfg.seed)
+        ctx.say(f"measuring activation importance on {cfg.calibration_sequences} training sequences")
+        scores = activation_importance(model, source, calibration_batch(corpus, calibration), cfg.batch_size)
+        if ctx.main:
+            write_text_atomic(ctx.out / "calibration.json", json.dumps(calibration) + "\n")
+    task = build_task(cfg, model, source, target, ctx.device, scores)
     task.objective.distiller = distiller
+    if cfg.steps == 0:
+        # one-shot: the importance choice at unit scale, exactly what the masks start from
+        with task.masks.fixed(keep_indicators(task.masks)):
+            return _finish_run(ctx, task, corpus, tokenizer, source, target, source_eval, LoopResult(
+                0, ctx.evaluate(model, corpus), False, None))  # fmt: skip
     loop, extra = run_loop(ctx, task, corpus, source_eval, {"source_eval": source_eval})
-    source_eval = extra["source_eval"]
+    return _finish_run(ctx, task, corpus, tokenizer, source, target, extra["source_eval"], loop)
+
+
+def _finish_run(
+    ctx: RunContext,
+    task: PruneTask,
+    corpus: Corpus,
+    tokenizer: Any,
+    source: Arch,
+    target: Arch,
+    source_eval: dict[str, float] | None,
+    loop: LoopResult,
+) -> dict[str, Any]:
+    """After the steps: the reference losses, the export, its evaluation and the report."""
+    cfg = ctx.cfg
     reference = loop.reference or source_eval
     if ctx.main and reference is not None:
         write_text_atomic(ctx.out / "reference_losses.json", json.dumps(reference, indent=2) + "\n")
@@ -237,13 +294,25 @@ def check_prunes(source: Arch, target: Arch, model: str) -> None:
 
 
 def build_task(
-    cfg: PruneConfig, model: nn.Module, source: Arch, target: Arch, device: torch.device
+    cfg: PruneConfig,
+    model: nn.Module,
+    source: Arch,
+    target: Arch,
+    device: torch.device,
+    scores: dict[str, torch.Tensor] | None = None,
 ) -> PruneTask:
     """The pruning task of a run (a run and ``shear export`` build it the same way).
+
+    Args:
+        scores: activation importance (:mod:`shear.importance`) to initialise the masks
+            from; None keeps the uniform initialisation (the paper's, or a resume's, which
+            loads log_alpha from the checkpoint).
 
     Returns:
         The task, its masks attached to ``model``.
     """
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     masks = HardConcreteMasks(source, target, cfg.mask_types, generator=gen).to(device)
+    if scores is not None:
+        init_from_importance(masks, scores)
     return PruneTask(cfg, model, masks, gen)

@@ -59,7 +59,10 @@ def _plot_dims(path: Path, steps: list[dict[str, Any]]) -> None:
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.4), squeeze=False)
     x = [r["step"] for r in steps]
     for ax, n in zip(axes[0], names, strict=True):
-        ax.plot(x, [r["expected"][n] for r in steps], label="expected kept")
+        ax.plot(x, [r["expected"][n] for r in steps], label="expected kept (mean over rows)")
+        if "expected_min" in steps[0]:
+            lo, hi = [r["expected_min"][n] for r in steps], [r["expected_max"][n] for r in steps]
+            ax.fill_between(x, lo, hi, alpha=0.25, label="min-max over rows")
         ax.plot(x, [r["target"][n] for r in steps], "--", label="target (warm-up)")
         ax.axhline(steps[0]["final_target"][n], color="gray", lw=0.8, label="final target")
         ax.set_title(n)
@@ -227,12 +230,14 @@ def write_report(
             "",
             "## Masks at the end",
             "",
-            "| mask | expected kept per row | target | lambda_1 | lambda_2 |",
-            "|---|---|---|---|---|",
+            "| mask | expected kept per row: mean | min | max | target | lambda_1 | lambda_2 |",
+            "|---|---|---|---|---|---|---|",
         ]
+        lo, hi = last.get("expected_min", {}), last.get("expected_max", {})
         for n in last["expected"]:
             lines.append(
-                f"| {n} | {last['expected'][n]:.1f} | {last['final_target'][n]} | "
+                f"| {n} | {last['expected'][n]:.1f} | {lo.get(n, float('nan')):.1f} | "
+                f"{hi.get(n, float('nan')):.1f} | {last['final_target'][n]} | "
                 f"{last['lambda_1'][n]:+.3f} | {last['lambda_2'][n]:+.3f} |"
             )
     return _finish(out, cfg, lines, steps, plots)

@@ -80,6 +80,8 @@ class TrainConfig:
     dynamic: bool = True
     dynamic_interval: int = 400
     dynamic_rule: str = "paper"
+    dynamic_eta: float = 0.3
+    min_domain_weight: float = 0.05
     reference_losses: dict[str, float] | None = None
     reference_model: str | None = None
     distill_weight: float = 0.0
@@ -100,6 +102,8 @@ class TrainConfig:
     }
     #: The task name recorded in the run folder (``shear train``).
     TASK: ClassVar[str] = "train"
+    #: Fewest steps a run may have (pruning allows 0: the one-shot export).
+    MIN_STEPS: ClassVar[int] = 1
 
     def input_paths(self) -> dict[str, str | None]:
         """``{option: path}`` of everything the run reads; it never writes into any of them."""
@@ -114,7 +118,9 @@ class TrainConfig:
         """Raise ShearError for option values that cannot work."""
         from shear.dynamic import RULES
 
-        positive = ("steps", "batch_size", "grad_accum", "eval_interval", "checkpoint_interval", "seq_len")
+        if self.steps < self.MIN_STEPS:
+            raise ShearError(f"steps must be at least {self.MIN_STEPS}, got {self.steps}")
+        positive = ("batch_size", "grad_accum", "eval_interval", "checkpoint_interval", "seq_len")
         for name in positive + ("dynamic_interval", "eval_sequences"):
             if getattr(self, name) <= 0:
                 raise ShearError(f"{name} must be positive, got {getattr(self, name)}")
@@ -138,6 +144,10 @@ class TrainConfig:
             raise ShearError(f"distill_weight must be in [0, 1], got {self.distill_weight}")
         if not (math.isfinite(self.distill_temperature) and self.distill_temperature > 0):
             raise ShearError(f"distill_temperature must be finite and > 0, got {self.distill_temperature}")
+        if not (math.isfinite(self.dynamic_eta) and self.dynamic_eta >= 0):
+            raise ShearError(f"dynamic_eta must be a finite number >= 0, got {self.dynamic_eta}")
+        if not 0 <= self.min_domain_weight < 1:
+            raise ShearError(f"min_domain_weight must be in [0, 1), got {self.min_domain_weight}")
         if self.dynamic_rule not in RULES:
             raise ShearError(f"dynamic_rule must be {' or '.join(RULES)}, got {self.dynamic_rule!r}")
         for name in ("domain_weights", "reference_losses"):
@@ -460,6 +470,11 @@ def run_loop(
         log.truncate_after(start)
     if cfg.dynamic and ctx.main:
         _check_reference(reference, corpus)
+    if cfg.dynamic and cfg.min_domain_weight * len(corpus.domains) >= 1:
+        raise ShearError(
+            f"min_domain_weight {cfg.min_domain_weight} leaves no room to move the weights of "
+            f"{len(corpus.domains)} domains; give less than 1 / {len(corpus.domains)}"
+        )
     if cfg.dynamic and any(w <= 0 for w in loader.weights.values()):
         zero = [d for d, w in loader.weights.items() if w <= 0]
         raise ShearError(
@@ -570,7 +585,10 @@ def run_loop(
                 if ctx.main:
                     from shear.dynamic import update_weights
 
-                    new = update_weights(loader.weights, losses, reference, cfg.dynamic_rule)
+                    new = update_weights(
+                        loader.weights, losses, reference, cfg.dynamic_rule,
+                        eta=cfg.dynamic_eta, floor=cfg.min_domain_weight,
+                    )  # fmt: skip
                     log.write({"step": done, "dynamic": {"losses": losses, "weights": new}})
                 loader.set_weights(_broadcast(new, ctx.world))
         if done % cfg.checkpoint_interval == 0 or done == end:

@@ -83,6 +83,34 @@ def make_tiny(kind: str, seed: int = 0):
     return model
 
 
+#: Per-group query heads: the GQA Llama (6 heads in 2 KV groups) keeps both groups and 2 of
+#: the 3 heads of each, every (layer, group) its own pair.
+PER_GROUP_KIND = "llama_gqa_bias_untied"
+PER_GROUP_TARGET = "layers=2,hidden=36,heads=4,kv_heads=2,intermediate=50"
+
+
+def make_per_group_masked(seed: int = 0):
+    """A tiny GQA model under every mask type, random log_alpha, whose groups keep different heads.
+
+    Returns:
+        (model, masks); row (l, g) of the deterministic head mask drops head (l + g) % 3.
+    """
+    from shear.masks import MASK_TYPES
+    from shear.patch import apply_masks
+
+    model = make_tiny(PER_GROUP_KIND, seed=seed)
+    masks = apply_masks(model, PER_GROUP_TARGET, types=list(MASK_TYPES))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for la in masks.log_alpha.values():
+            la.copy_(torch.randn(la.shape, generator=g) * 2.0)
+        head = masks.log_alpha["head"]  # [L, G, 3]
+        for layer in range(head.shape[0]):
+            for group in range(head.shape[1]):
+                head[layer, group, (layer + group) % 3] = head[layer, group].min() - 1.0
+    return model, masks
+
+
 @pytest.fixture(scope="session")
 def tiny_source(tmp_path_factory):
     """A tiny random GQA Llama with the default model's real tokenizer, saved to a folder."""

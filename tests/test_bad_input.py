@@ -109,8 +109,8 @@ def test_missing_options_and_bad_budgets(tiny_source, data_dir, tmp_path, capsys
     )
     _refused(["train", "--out", str(out)], capsys, "--model, --data are required")
     demo = tmp_path / "demo"
-    _refused(["demo", "--out", str(demo), "--prune-steps", "0"], capsys, "steps must be positive, got 0")
-    _refused(["demo", "--out", str(demo), "--train-steps", "-1"], capsys, "steps must be positive, got -1")
+    _refused(["demo", "--out", str(demo), "--prune-steps", "-1"], capsys, "steps must be at least 0, got -1")
+    _refused(["demo", "--out", str(demo), "--train-steps", "0"], capsys, "steps must be at least 1, got 0")
     _refused(["demo", "--out", str(demo), "--num-workers", "-1"], capsys, "num_workers must be >= 0")
     for option in ("--batch-size", "--eval-sequences"):
         _refused(

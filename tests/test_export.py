@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import TINY_KINDS, TINY_TARGETS, make_tiny
+from conftest import TINY_KINDS, TINY_TARGETS, make_per_group_masked, make_tiny
 from safetensors import safe_open
 
 from shear.arch import Arch
@@ -44,22 +44,36 @@ def _pruned_masked_model(kind: str, seed: int):
     return model, masks
 
 
+def _kept_heads(z: torch.Tensor) -> list[list[list[int]]]:
+    """Kept query heads (within each group) of every (layer, group) row of a head mask."""
+    return [[torch.nonzero(row).flatten().tolist() for row in layer] for layer in z]
+
+
 def test_exported_models_match_the_masked_models(tmp_path, tokens):
     jobs, expected, targets = [], {}, {}
-    for kind in sorted(TINY_KINDS):
-        model, masks = _pruned_masked_model(kind, seed=len(jobs) + 3)
+    kinds = [*sorted(TINY_KINDS), "per_group_heads"]
+    for kind in kinds:
+        seed = len(jobs) + 3
+        model, masks = (
+            make_per_group_masked(seed) if kind == "per_group_heads" else _pruned_masked_model(kind, seed)
+        )
         with torch.no_grad():
             expected[kind] = model(tokens, use_cache=False).logits  # eval mode: deterministic masks
             z = masks.deterministic()
         # every granularity really prunes something, and the kept values are not all ~1
-        for name in ("layer", "kv", "intermediate", "hidden"):
+        pruned = ("layer", "head") if kind == "per_group_heads" else ("layer", "kv")
+        for name in (*pruned, "intermediate", "hidden"):
             assert (z[name] == 0).any(), (kind, name)
         assert z["intermediate"][z["intermediate"] != 0].min() < 0.5
+        if kind == "per_group_heads":  # both groups kept, each with its own heads
+            assert (z["kv"] != 0).all()
+            heads = _kept_heads(z["head"])
+            assert all(layer[0] != layer[1] for layer in heads), heads
         folder = export_pruned(model, masks, tmp_path / kind)
         targets[kind] = masks.target
         jobs.append((str(folder), tokens.tolist(), str(tmp_path / f"{kind}.pt")))
     subprocess.run([sys.executable, "-c", _LOAD_IN_FRESH_PROCESS, json.dumps(jobs)], check=True)
-    for kind, (_, _, out) in zip(sorted(TINY_KINDS), jobs, strict=True):
+    for kind, (_, _, out) in zip(kinds, jobs, strict=True):
         torch.testing.assert_close(torch.load(out, weights_only=True), expected[kind], rtol=0, atol=1e-4)
         cfg = json.loads((tmp_path / kind / "config.json").read_text())
         t = targets[kind]
@@ -117,6 +131,12 @@ def test_non_uniform_masks_are_refused():
     row = z["intermediate"][0]
     row[torch.nonzero(row)[0]] = 0  # one layer keeps one channel fewer
     with pytest.raises(ShearError, match="MLP channels per layer"):
+        export_plan(model, masks, z)
+    model, masks = make_per_group_masked(seed=2)
+    z = {k: v.detach().clone() for k, v in masks.deterministic().items()}
+    row = z["head"][int(torch.nonzero(z["layer"])[0]), 1]
+    row[torch.nonzero(row)[0]] = 0  # group 1 of the first kept layer keeps one query head fewer
+    with pytest.raises(ShearError, match=r"query heads per kept \(layer, KV group\) are \[2, 1, 2, 2\]"):
         export_plan(model, masks, z)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_TARGETS, make_tiny
+from conftest import PER_GROUP_KIND, TINY_TARGETS, make_per_group_masked, make_tiny
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -289,9 +289,10 @@ def _folder_bytes(folder: Path) -> dict[str, bytes]:
 
 def test_cpp_export_loads_and_matches_the_masked_model(ext, tmp_path, tokens, capfd):
     jobs, expected = [], {}
+    # the fp32 case keeps both KV groups of the GQA Llama, each group its own query heads
     cases = [("llama_gqa_bias_untied", None, "5GB"), ("qwen2_gqa_bias_tied", torch.bfloat16, "20KB")]
     for kind, dtype, max_shard in cases:
-        model, masks = _masked(kind, seed=11)
+        model, masks = make_per_group_masked(seed=11) if kind == PER_GROUP_KIND else _masked(kind, seed=11)
         with torch.no_grad():
             expected[kind] = model(tokens, use_cache=False).logits
         out = export_pruned(
@@ -432,9 +433,12 @@ def test_doctor_reports_the_build(ext, capsys):
     assert "C++ gather extension: built (" in capsys.readouterr().out
 
 
-def test_plan_of_a_real_export_gathers_identically(ext, simd):
+@pytest.mark.parametrize("per_group_heads", [False, True], ids=["kv-pruned", "per-group-heads"])
+def test_plan_of_a_real_export_gathers_identically(ext, simd, per_group_heads):
     """Every tensor of a real export plan (all mask types, biases, bf16 output)."""
-    model, masks = _masked("llama_gqa_bias_untied", seed=8)
+    model, masks = (
+        make_per_group_masked(seed=8) if per_group_heads else _masked("llama_gqa_bias_untied", seed=8)
+    )
     plan, _ = export_plan(model, masks)
     for dtype in (None, torch.bfloat16, torch.float16):
         for spec in plan:

@@ -63,7 +63,10 @@ def test_clamped_units_get_zero_gradient():
     assert la.grad.tolist() == [0.0, 0.0]
 
 
-@pytest.mark.parametrize("shape,keep", [((37,), 11), ((5, 23), 7), ((4, 3), 0), ((4, 3), 3), ((1, 1), 1)])
+@pytest.mark.parametrize(
+    "shape,keep",
+    [((37,), 11), ((5, 23), 7), ((4, 3), 0), ((4, 3), 3), ((1, 1), 1), ((3, 4, 5), 2), ((2, 3, 1), 1)],
+)
 def test_deterministic_mask_keeps_exact_top_count(shape, keep):
     la = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     z = hc.deterministic_mask(la, keep)

@@ -93,12 +93,12 @@ def _zero_o_proj_heads(model, layer, heads):
 
 
 @pytest.mark.parametrize("kind", ["llama_gqa_bias_untied", "qwen2_gqa_bias_tied"])
-def test_zero_query_head_within_groups(kind, tokens):
+def test_zero_query_head_of_one_group(kind, tokens):
     model = make_tiny(kind)
     arch = Arch.from_config(model.config)
-    n = arch.heads_per_group
-    out = _masked_with_zero(model, TINY_TARGETS[kind], tokens, "head", (1, 1))
-    ref = _zero_o_proj_heads(model, 1, [g * n + 1 for g in range(arch.kv_heads)])
+    g, n = arch.kv_heads - 1, arch.heads_per_group
+    out = _masked_with_zero(model, TINY_TARGETS[kind], tokens, "head", (1, g, 1))
+    ref = _zero_o_proj_heads(model, 1, [g * n + 1])  # that group's head only, not the others'
     torch.testing.assert_close(out, _logits(ref, tokens), rtol=0, atol=1e-5)
 
 

@@ -112,7 +112,12 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         (dict(model="/nonexistent/model"), "not found"),
         (dict(data="/nonexistent/data"), "data folder not found"),
         (dict(target="hidden=4096"), "larger than the source"),
-        (dict(steps=0), "steps must be positive"),
+        (dict(steps=-1), "steps must be at least 0"),
+        (dict(steps=0, init="uniform"), "needs --init importance"),
+        (dict(init="magic"), "init must be importance or uniform"),
+        (dict(calibration_sequences=0), "calibration_sequences must be positive"),
+        (dict(dynamic_eta=-1.0), "dynamic_eta must be"),
+        (dict(min_domain_weight=0.4), "leaves no room to move the weights of 3 domains"),
         (dict(resume=True), "no checkpoint"),
     ],
 )

@@ -235,6 +235,20 @@ def test_damaged_or_foreign_checkpoints_are_refused(runs, tiny_source, data_dir,
         )
     assert not marker.exists()  # nothing in the refused pickle ran
 
+    # a checkpoint from before per-group query heads: its head mask is [L, n], not [L, G, n];
+    # resuming or exporting it is refused with the shapes, not a traceback
+    run = Path(shutil.copytree(tmp_path / "run-types", tmp_path / "old-head-layout"))
+    state = load(run / "checkpoint.pt")
+    masks = state["task"]["masks"]
+    assert list(masks["log_alpha.head"].shape) == [3, 2, 2]
+    masks["log_alpha.head"] = masks["log_alpha.head"][:, 0].clone()
+    torch.save(state, run / "checkpoint.pt")
+    for command in (["prune", "--out", str(run), "--resume"], ["export", str(run)]):
+        assert main(command) == 2, command
+        err = capsys.readouterr().err
+        assert "Traceback" not in err, err
+        assert "shapes differ: task.masks.log_alpha.head [3, 2] in the checkpoint, [3, 2, 2] here" in err, err
+
 
 _SLOW_RUN = """
 import sys

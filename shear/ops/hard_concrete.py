@@ -92,7 +92,8 @@ def keep_topk(log_alpha: torch.Tensor, keep: int) -> torch.Tensor:
     Ties go to the lower index, so the choice is deterministic.
 
     Args:
-        log_alpha: mask parameters, 1-D (one row) or 2-D (one row per layer).
+        log_alpha: mask parameters, any number of leading dimensions (1-D: one row; 2-D:
+            one row per layer; 3-D ``head``: one row per (layer, KV group)).
         keep: units to keep per row, 0 <= keep <= row length.
 
     Returns:
@@ -110,7 +111,8 @@ def deterministic_mask(log_alpha: torch.Tensor, keep: int) -> torch.Tensor:
     """Evaluation / finalization mask: the soft value on the ``keep`` best units per row, 0 elsewhere.
 
     Args:
-        log_alpha: mask parameters, 1-D or 2-D (rows are layers).
+        log_alpha: mask parameters; every last-dimension row is chosen on its own (see
+            :func:`keep_topk`).
         keep: target count of kept units per row.
 
     Returns:

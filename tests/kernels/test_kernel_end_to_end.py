@@ -124,16 +124,25 @@ def test_bad_backend_value(monkeypatch, value):
         dispatch.backend()
 
 
-def test_pruned_first_kv_group_skips_only_its_heads(monkeypatch):
-    """Heads of KV group 0 at exactly 0, the others on: only those heads may be skipped.
+_HEAD_CASES = {
+    # KV group 0 at exactly 0, group 1 on (a strided per-head mask read as dense once
+    # skipped every head of the layer)
+    "kv": ("kv_heads=1,heads=2", [[0.0, 0.7], [0.0, 1.0]]),
+    # per-group query heads: each group zeroes another head (per head: [0, .7, 1, 0], [1, 0, 0, .5])
+    "head": ("kv_heads=2,heads=2", [[[0.0, 0.7], [1.0, 0.0]], [[1.0, 0.0], [0.0, 0.5]]]),
+}
 
-    (A strided per-head mask read as dense once skipped every head of the layer.)"""
+
+@pytest.mark.parametrize("mask", sorted(_HEAD_CASES))
+def test_zero_heads_skip_only_those_heads(monkeypatch, mask):
+    """Heads whose mask is exactly 0 are skipped, the others computed, on both backends alike."""
+    target, values = _HEAD_CASES[mask]
     outs = {}
     for backend in ("reference", "triton"):
         monkeypatch.setenv("SHEAR_KERNELS", backend)
         model = _model().eval()
-        masks = apply_masks(model, "kv_heads=1,heads=2", types=["kv"])
-        z = {"kv": torch.tensor([[0.0, 0.7], [0.0, 1.0]], device=DEVICE)}
+        masks = apply_masks(model, target, types=[mask])
+        z = {mask: torch.tensor(values, device=DEVICE)}
         ids = torch.arange(11, device=DEVICE)[None] % 67
         with masks.fixed(z), torch.no_grad():
             outs[backend] = model(ids).logits

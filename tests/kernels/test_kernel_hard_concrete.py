@@ -200,7 +200,8 @@ def test_keep_probability_and_soft_mask_match_reference(n: int, dtype: torch.dty
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_deterministic_masks_match_reference(dtype: torch.dtype):
-    specs = [((3, 9), 4), ((33,), 7), ((2, 5), 0), ((1, 4), 4)]
+    # 3-D: the per-group head mask [L, G, n], one row per (layer, group)
+    specs = [((3, 9), 4), ((33,), 7), ((2, 5), 0), ((1, 4), 4), ((3, 2, 5), 2)]
     las = [
         _log_alpha(math.prod(s), dtype, seed=i).view(s).requires_grad_(True) for i, (s, _) in enumerate(specs)
     ]

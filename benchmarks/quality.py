@@ -1,0 +1,194 @@
+"""Quality at equal training tokens: shear's pruning against the baselines a user would pick.
+
+Every variant prunes the same source to the same target and trains on the same data with
+the same batch, sequence length and evaluation; held-out perplexity per domain is read
+after the pruning stage (P steps' tokens) and after continued pre-training (P + T steps'
+tokens in all). Variants:
+
+``one-shot``
+    activation importance, no gradient step (``shear prune --one-shot``), then ``shear
+    train``: P steps for the pruning-stage column, P + T steps for the final one.
+``paper``
+    the paper's recipe: uniform mask initialisation, LM loss, the paper's dynamic loading
+    (eta 1, no floor); then T steps of ``shear train`` with the same rule.
+``importance``
+    shear's defaults: masks initialised from importance, then T steps of ``shear train``.
+``importance-fixed``
+    as ``importance``, but continued pre-training with fixed (equal) domain weights: does
+    dynamic loading beat fixed on the worst domain's gap?
+
+Budgets are the CPU demo's (``shear demo``); ``--scale 4`` multiplies both stages' steps.
+Each run lives in its own folder under ``--out`` and is skipped when already complete, so
+an interrupted benchmark continues. Prints a markdown table (and writes ``results.json``)::
+
+    python benchmarks/quality.py --out runs/quality [--scale 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from shear.checkpoint import write_text_atomic
+from shear.cli import DEMO_BUDGET_CPU, DEMO_TARGET
+from shear.prune import PruneConfig, run_prune
+from shear.runfolder import LOG_FILE, RunLog
+from shear.train import run_train
+from shear.trainer import TrainConfig
+
+VARIANTS = ("one-shot", "paper", "importance", "importance-fixed")
+#: The paper's dynamic batch loading: step 1 on the loss gap, no floor.
+PAPER_DYNAMIC = dict(dynamic_eta=1.0, min_domain_weight=0.0)
+
+
+def _prune(out: Path, common: dict[str, Any], **kw: Any) -> dict[str, Any]:
+    if not (out / "evals.json").exists():
+        run_prune(PruneConfig(out=str(out), **{**common, **kw}))
+    evals = json.loads((out / "evals.json").read_text())
+    steps = [r for r in RunLog(out / LOG_FILE, True).records() if "expected" in r]
+    masks = None
+    if steps:
+        last = steps[-1]
+        masks = {
+            n: {"mean": last["expected"][n], "min": last["expected_min"][n], "max": last["expected_max"][n],
+                "target": last["final_target"][n]}
+            for n in last["expected"]
+        }  # fmt: skip
+    return {"eval": evals["exported"], "source": evals["source"], "masks": masks}
+
+
+def _train(out: Path, model: Path, common: dict[str, Any], **kw: Any) -> dict[str, float]:
+    if not (out / "evals.json").exists():
+        run_train(TrainConfig(out=str(out), model=str(model), **{**common, **kw}))
+    return json.loads((out / "evals.json").read_text())["saved"]
+
+
+def run_quality(
+    out: str | Path,
+    model: str = "default",
+    data: str | None = None,
+    target: str = DEMO_TARGET,
+    scale: float = 1.0,
+    variants: tuple[str, ...] = VARIANTS,
+    eval_sequences: int = 16,
+    overrides: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Run the variants and return their per-domain losses.
+
+    Args:
+        out: folder of the runs (each variant's stages in sub-folders).
+        model: source model.
+        data: data folder (default: the default corpus, built into ``out/data``).
+        target: target architecture.
+        scale: multiplies both stages' step counts (and evaluation intervals).
+        variants: which of :data:`VARIANTS` to run.
+        eval_sequences: held-out sequences per domain (the same for every run).
+        overrides: ``{"prune": {...}, "train": {...}}`` options over the demo budget (tests).
+
+    Returns:
+        ``{"tokens": {...}, "source": {...}, "variants": {name: {"pruned", "final", "masks"}}}``,
+        losses in nats per domain; also written to ``out/results.json``.
+    """
+    out = Path(out)
+    if data is None:
+        from shear.corpus import build_default_corpus
+
+        build_default_corpus(out / "data")
+        data = str(out / "data")
+    budget = {k: {**v, **(overrides or {}).get(k, {})} for k, v in DEMO_BUDGET_CPU.items()}
+    for stage in budget.values():
+        for key in ("steps", "eval_interval", "checkpoint_interval", "dynamic_interval"):
+            stage[key] = max(1, round(stage[key] * scale))
+    P, T = budget["prune"]["steps"], budget["train"]["steps"]
+    base = dict(data=data, eval_sequences=eval_sequences, dynamic=True)
+    prune_common = {**base, **budget["prune"], "model": model, "target": target}
+    train_common = {**base, **budget["train"]}
+    results: dict[str, Any] = {"variants": {}}
+
+    one_shot = _prune(out / "one-shot" / "prune", prune_common, steps=0)
+    results["source"] = one_shot["source"]
+    train_common["reference_losses"] = one_shot["source"]
+    for name in variants:
+        if name == "one-shot":
+            export = out / "one-shot" / "prune" / "export"
+            pruned = _train(out / name / f"train-{P}", export, train_common, steps=P)
+            final = _train(out / name / f"train-{P + T}", export, train_common, steps=P + T)
+            results["variants"][name] = {"pruned": pruned, "final": final, "masks": None}
+            continue
+        if name == "paper":
+            r = _prune(out / name / "prune", prune_common, init="uniform", **PAPER_DYNAMIC)
+            final = _train(
+                out / name / "train", out / name / "prune" / "export", train_common, **PAPER_DYNAMIC
+            )
+        elif name in ("importance", "importance-fixed"):
+            r = _prune(out / "importance" / "prune", prune_common)
+            final = _train(
+                out / name / "train", out / "importance" / "prune" / "export", train_common,
+                dynamic=name == "importance",
+            )  # fmt: skip
+        else:
+            raise ValueError(f"unknown variant {name!r}; choose from {VARIANTS}")
+        results["variants"][name] = {"pruned": r["eval"], "final": final, "masks": r["masks"]}
+    tokens = {k: v["batch_size"] * v["seq_len"] for k, v in budget.items()}
+    results["tokens"] = {
+        "pruning stage": P * tokens["prune"],
+        "total": P * tokens["prune"] + T * tokens["train"],
+    }
+    write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def format_results(results: dict[str, Any]) -> str:
+    """Markdown tables: perplexity per domain after each stage, and the masks vs their targets."""
+    source = results["source"]
+    domains = list(source)
+    names = list(results["variants"])
+    lines = []
+    for stage, title in (("pruned", "pruning stage"), ("final", "total")):
+        lines += [
+            "",
+            f"Perplexity per domain after {results['tokens'][title]:,} training tokens ({title}):",
+            "",
+            "| domain | source | " + " | ".join(names) + " |",
+            "|---|---|" + "---|" * len(names),
+        ]
+        for d in domains:
+            row = [math.exp(results["variants"][n][stage][d]) for n in names]
+            best = min(row)
+            cells = [f"**{v:.2f}**" if v == best else f"{v:.2f}" for v in row]
+            lines.append(f"| {d} | {math.exp(source[d]):.2f} | " + " | ".join(cells) + " |")
+    gaps = {
+        n: max(results["variants"][n]["final"][d] - source[d] for d in domains)
+        for n in names
+        if n.startswith("importance")
+    }
+    if gaps:
+        lines += ["", "Worst domain's final loss gap to the source: "]
+        lines += [", ".join(f"{n} {g:+.3f} nats" for n, g in gaps.items())]
+    for n in names:
+        masks = results["variants"][n]["masks"]
+        if masks:
+            lines += ["", f"Expected kept units per row at the end of pruning ({n}):", ""]
+            lines += ["| mask | mean | min | max | target |", "|---|---|---|---|---|"]
+            for m, r in masks.items():
+                lines.append(f"| {m} | {r['mean']:.1f} | {r['min']:.1f} | {r['max']:.1f} | {r['target']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/quality", help="folder of the runs")
+    p.add_argument("--model", default="default", help="source model")
+    p.add_argument("--data", help="data folder (default: the default corpus)")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply both stages' steps (4: the 4x budget)")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    args = p.parse_args()
+    r = run_quality(args.out, args.model, args.data, scale=args.scale, variants=tuple(args.variants))
+    print(format_results(r))
+
+
+if __name__ == "__main__":
+    main()
