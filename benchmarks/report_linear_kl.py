@@ -10,7 +10,7 @@ and the LM heads, forward and backward (gradients to the student's hidden states
 
 Peak memory is what the loss adds above its inputs: on CUDA ``max_memory_allocated``; on CPU
 the growth of the process's peak resident set (``ru_maxrss``) over its level once the inputs
-exist, each provider measured in a fresh subprocess. Times are medians of interleaved rounds.
+exist (``VmHWM``), each provider measured in a fresh subprocess. Times are medians of interleaved rounds.
 
 Run: python benchmarks/report_linear_kl.py [--tokens 512] [--vocab 49152] [--hidden 576]
      [--teacher-hidden 576] [--dtype fp32] [--rounds 3] [--json PATH]
@@ -88,12 +88,24 @@ def peak_mib(provider: str, args: argparse.Namespace, device: str) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def _peak_rss_kib() -> int:
+    """This process's peak resident set in KiB: VmHWM, which exec resets (ru_maxrss does not:
+    a child would start from its parent's peak), else ru_maxrss."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+
+
 def _rss_growth(provider: str, args: argparse.Namespace) -> float:
     """In a fresh process: peak RSS growth over one forward+backward, in MiB (CPU)."""
     tensors = inputs(args, "cpu")
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    base = _peak_rss_kib()
     run_once(provider, tensors, args)
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+    return (_peak_rss_kib() - base) / 1024
 
 
 def measure(args: argparse.Namespace) -> dict:
