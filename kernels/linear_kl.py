@@ -33,7 +33,7 @@ from torch import nn
 
 from shear import dispatch
 from shear.kernels.heuristics import vocab_config
-from shear.kernels.utils import autocast_inputs, check_launchable
+from shear.kernels.utils import check_launchable
 from shear.ops.linear_kl import IGNORE_INDEX, linear_kl
 
 __all__ = ["ShearLinearKL", "linear_kl_rows_forward", "shear_linear_kl"]
@@ -199,11 +199,9 @@ def shear_linear_kl(
         chunk_size: tokens per chunk (default: logits about the size of the hidden states).
 
     Returns:
-        Scalar float32 loss; gradients to ``student_hidden`` and ``student_weight``.
+        Scalar float32 loss; gradients to ``student_hidden`` and ``student_weight``. Under
+        autocast the operands are cast to its dtype (by :func:`shear.ops.linear_kl.linear_kl`).
     """
-    student_hidden, student_weight, teacher_hidden, teacher_weight = autocast_inputs(
-        student_hidden, student_weight, teacher_hidden, teacher_weight
-    )
     return linear_kl(
         student_hidden, student_weight, teacher_hidden, teacher_weight, labels, temperature,
         kl_weight, ignore_index, chunk_size, rows=linear_kl_rows_forward,

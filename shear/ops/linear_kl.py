@@ -107,9 +107,11 @@ class LinearKLFunction(torch.autograd.Function):
         rows: RowsFn,
     ) -> torch.Tensor:
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        loss, dh, dw = chunked_linear_kl(
-            rows, h_s, w_s, h_t, w_t, labels, temperature, kl_weight, ignore_index, chunk, need_grad
-        )
+        # the inputs arrive in the dtype to compute in (linear_kl casts them under autocast)
+        with torch.autocast(h_s.device.type, enabled=False):
+            loss, dh, dw = chunked_linear_kl(
+                rows, h_s, w_s, h_t, w_t, labels, temperature, kl_weight, ignore_index, chunk, need_grad
+            )
         ctx.save_for_backward(dh, dw)
         return loss
 
@@ -276,8 +278,15 @@ def linear_kl(
     Returns:
         The mean loss over the non-ignored positions (0 when there are none), a scalar in
         float32 (float64 for float64 inputs); differentiable in ``student_hidden`` and
-        ``student_weight`` only.
+        ``student_weight`` only. Under ``torch.autocast`` the LM heads run in the autocast
+        dtype, as ``F.linear`` would (the gradients reach the originals in their dtypes).
     """
+    kind = student_hidden.device.type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        dtype = torch.get_autocast_dtype(kind)
+        student_hidden, student_weight = student_hidden.to(dtype), student_weight.to(dtype)
+        if teacher_hidden is not None:
+            teacher_hidden, teacher_weight = teacher_hidden.to(dtype), teacher_weight.to(dtype)
     h_s, h_t, flat_labels = _flatten(student_hidden, teacher_hidden, labels)
     check_inputs(h_s, student_weight, h_t, teacher_weight, flat_labels, temperature, kl_weight)
     n = h_s.shape[0]

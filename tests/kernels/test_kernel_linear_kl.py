@@ -156,6 +156,20 @@ def test_full_logits_are_never_allocated(monkeypatch, backend):
     assert eager.largest == n * vocab * 4  # the check sees the logits when they are there
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_autocast_computes_in_its_dtype(monkeypatch, backend):
+    # what a bf16 training run does: fp32 weights and hidden states, the loss under autocast
+    monkeypatch.setenv("SHEAR_KERNELS", backend)
+    inputs = _inputs(5, 8, 6, 37, torch.float32, seed=8)
+    h = inputs[0].clone().requires_grad_(True)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        loss = dispatch.linear_kl(h, *inputs[1:], temperature=2.0, kl_weight=0.5)
+    (loss * 1.5).backward()  # as _run
+    assert h.grad.dtype == torch.float32
+    _, dh_ref, _ = _run(linear_kl_eager, *inputs, cast=torch.float64, temperature=2.0, kl_weight=0.5)
+    check_close(h.grad, dh_ref, TOL[torch.bfloat16], "d student_hidden under autocast")
+
+
 def test_module_dispatches_to_both_backends(monkeypatch):
     inputs = _inputs(5, 8, 6, 37, torch.float32, seed=7)
     layer = K.ShearLinearKL(temperature=2.0, kl_weight=0.4)
