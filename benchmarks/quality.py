@@ -45,8 +45,8 @@ PAPER_DYNAMIC = dict(dynamic_eta=1.0, min_domain_weight=0.0)
 
 
 def _prune(out: Path, common: dict[str, Any], **kw: Any) -> dict[str, Any]:
-    if not (out / "evals.json").exists():
-        run_prune(PruneConfig(out=str(out), **{**common, **kw}))
+    if not (out / "evals.json").exists():  # else done; an interrupted run resumes
+        run_prune(PruneConfig(out=str(out), resume=(out / "checkpoint.pt").exists(), **{**common, **kw}))
     evals = json.loads((out / "evals.json").read_text())
     steps = [r for r in RunLog(out / LOG_FILE, True).records() if "expected" in r]
     masks = None
@@ -62,7 +62,8 @@ def _prune(out: Path, common: dict[str, Any], **kw: Any) -> dict[str, Any]:
 
 def _train(out: Path, model: Path, common: dict[str, Any], **kw: Any) -> dict[str, float]:
     if not (out / "evals.json").exists():
-        run_train(TrainConfig(out=str(out), model=str(model), **{**common, **kw}))
+        run_train(TrainConfig(out=str(out), model=str(model), resume=(out / "checkpoint.pt").exists(),
+                              **{**common, **kw}))  # fmt: skip
     return json.loads((out / "evals.json").read_text())["saved"]
 
 
@@ -120,9 +121,8 @@ def run_quality(
             continue
         if name == "paper":
             r = _prune(out / name / "prune", prune_common, init="uniform", **PAPER_DYNAMIC)
-            final = _train(
-                out / name / "train", out / name / "prune" / "export", train_common, **PAPER_DYNAMIC
-            )
+            export = out / name / "prune" / "export"
+            final = _train(out / name / "train", export, train_common, **PAPER_DYNAMIC)
         elif name in ("importance", "importance-fixed"):
             r = _prune(out / "importance" / "prune", prune_common)
             final = _train(
@@ -133,10 +133,8 @@ def run_quality(
             raise ValueError(f"unknown variant {name!r}; choose from {VARIANTS}")
         results["variants"][name] = {"pruned": r["eval"], "final": final, "masks": r["masks"]}
     tokens = {k: v["batch_size"] * v["seq_len"] for k, v in budget.items()}
-    results["tokens"] = {
-        "pruning stage": P * tokens["prune"],
-        "total": P * tokens["prune"] + T * tokens["train"],
-    }
+    stage_tokens = P * tokens["prune"]
+    results["tokens"] = {"pruning stage": stage_tokens, "total": stage_tokens + T * tokens["train"]}
     write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     return results
 

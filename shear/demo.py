@@ -6,7 +6,11 @@
    no other sizes of the family are available offline to fit the scaling law);
 3. continued pre-training of the exported model with dynamic batch loading against the
    same references;
-4. per-domain evaluation of the source, the pruned and the final model, ``report.md``.
+4. the baseline a user would otherwise pick, at equal training tokens: the one-shot
+   activation-importance choice (``shear prune --one-shot``) trained with the same
+   continued pre-training for the steps of both stages;
+5. per-domain evaluation of the source, the pruned, the final and the baseline model,
+   ``report.md``.
 
 Each stage is skipped when its report exists and resumed from its checkpoint when one
 exists, so an interrupted demo continues where it stopped.
@@ -68,6 +72,7 @@ def run_demo(
         data = str(out / "data")
 
     prune_dir, train_dir = out / "prune", out / "train"
+    one_shot_dir, baseline_dir = out / "baseline" / "one-shot", out / "baseline" / "train"
     if not (prune_dir / "report.md").exists():
         resume = (prune_dir / "checkpoint.pt").exists()
         _say(f"{'resuming' if resume else 'starting'} pruning to {target} (dynamic batch loading)")
@@ -75,13 +80,26 @@ def run_demo(
                           dynamic=True, num_workers=num_workers, **budget["prune"])  # fmt: skip
         run_prune(cfg)
     reference = json.loads((prune_dir / "reference_losses.json").read_text())
-    if not (train_dir / "report.md").exists():
-        resume = (train_dir / "checkpoint.pt").exists()
-        _say(f"{'resuming' if resume else 'starting'} continued pre-training (dynamic batch loading)")
-        cfg = TrainConfig(model=str(prune_dir / "export"), data=data, out=str(train_dir), resume=resume,
-                          dynamic=True, reference_losses=reference, num_workers=num_workers,
-                          **budget["train"])  # fmt: skip
+
+    def train(name: str, source: Path, folder: Path, steps: int) -> None:
+        if (folder / "report.md").exists():
+            return
+        resume = (folder / "checkpoint.pt").exists()
+        _say(f"{'resuming' if resume else 'starting'} {name} (dynamic batch loading)")
+        cfg = TrainConfig(model=str(source), data=data, out=str(folder), resume=resume, dynamic=True,
+                          reference_losses=reference, num_workers=num_workers,
+                          **{**budget["train"], "steps": steps})  # fmt: skip
         run_train(cfg)
+
+    train("continued pre-training", prune_dir / "export", train_dir, budget["train"]["steps"])
+    if not (one_shot_dir / "report.md").exists():
+        _say("baseline: one-shot activation-importance pruning")
+        run_prune(PruneConfig(model=model, target=target, data=data, out=str(one_shot_dir),
+                              num_workers=num_workers, **{**budget["prune"], "steps": 0}))  # fmt: skip
+    # equal training tokens: the pruning stage's steps and the continued pre-training's
+    equal = budget["prune"]["steps"] * _tokens(budget["prune"]) // _tokens(budget["train"])
+    train("baseline: training the one-shot model", one_shot_dir / "export", baseline_dir,
+          equal + budget["train"]["steps"])  # fmt: skip
     report = write_demo_report(out, model, target, data, prune_dir, train_dir, reference)
     return {
         "out": str(out),
@@ -90,6 +108,11 @@ def run_demo(
         "model": str(train_dir / "model"),
         "report": str(report),
     }
+
+
+def _tokens(stage: dict[str, Any]) -> int:
+    """Training tokens per step of a stage's budget."""
+    return stage.get("batch_size", 4) * stage.get("grad_accum", 1) * stage.get("seq_len", 256)
 
 
 def _records(run: Path) -> list[dict[str, Any]]:
@@ -108,18 +131,25 @@ def write_demo_report(
     """``out/report.md``: perplexity per domain at every stage and how the domain weights moved."""
     pe = json.loads((prune_dir / "evals.json").read_text())
     te = json.loads((train_dir / "evals.json").read_text())
+    baseline = out / "baseline"
+    oe = json.loads((baseline / "one-shot" / "evals.json").read_text())
+    be = json.loads((baseline / "train" / "evals.json").read_text())
     cols = {
         "reference": reference,
         "source": pe["source"],
         "pruned (exported)": pe["exported"],
         "after continued pre-training": te["saved"],
+        "baseline: one-shot": oe["exported"],
+        "baseline: one-shot + equal-token training": be["saved"],
     }
     name = "SmolLM2-135M-Instruct" if model == "default" else model
     lines = [
         "# shear demo",
         "",
         f"{name} pruned to `{target}`, then continued pre-training, both with dynamic "
-        f"batch loading, on `{data}`. Reference losses: the source's measured held-out losses.",
+        f"batch loading, on `{data}`. Reference losses: the source's measured held-out losses. "
+        "The baseline keeps the one-shot activation-importance choice and trains it with the same "
+        "continued pre-training for as many tokens as both stages used.",
         "",
         "## Perplexity per domain (held-out data)",
         "",

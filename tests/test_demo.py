@@ -31,7 +31,10 @@ def test_demo_chain_on_a_tiny_model(tiny_source, data_dir, tmp_path):
     final = AutoConfig.from_pretrained(r["model"])
     assert (final.num_hidden_layers, final.hidden_size, final.intermediate_size) == (2, 48, 64)
     rows = [line for line in report.splitlines() if line.startswith("| code |")]
-    assert len(rows[0].split("|")) == 7  # perplexity: reference, source, pruned, final
+    # perplexity: reference, source, pruned, final, one-shot baseline before and after training
+    assert len(rows[0].split("|")) == 9
+    base = json.loads((tmp_path / "demo" / "baseline" / "train" / "config.json").read_text())
+    assert base["steps"] == 8 and base["model"].endswith("one-shot/export")  # equal tokens: 4 + 4 steps
     assert len(rows) == 3  # and a domain-weight row per stage
     # a finished demo is not run again: the stages are skipped, the report rewritten
     mtime = (tmp_path / "demo" / "prune" / "checkpoint.pt").stat().st_mtime
