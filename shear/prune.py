@@ -2,9 +2,9 @@
 
 One optimiser step (method.md): for each of ``grad_accum`` micro-batches, a fresh mask
 sample, LM loss (or with ``--distill-weight`` the distillation loss from a frozen copy of
-the source, :mod:`shear.distill`) plus the Lagrangian, backward; then gradient clipping (weights and
-log_alpha), AdamW over the three groups (lambdas by ascent), the cosine schedule with
-warm-up, and the log_alpha clamp. The loop, evaluation, dynamic batch loading (every 50
+the source, :mod:`shear.distill`) plus the Lagrangian, backward; then gradient clipping
+(weights and log_alpha), AdamW over the three groups (lambdas by ascent), the cosine
+schedule with warm-up, and the log_alpha clamp. The loop, evaluation, dynamic batch loading (every 50
 steps by default, as in the paper), checkpoints and resume are the shared trainer's
 (:mod:`shear.trainer`). At the end the masks are finalized and the model exported;
 ``report.md`` and plots summarise the run.
