@@ -66,6 +66,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--distill-weight", type=float, default=0.0, help="also time the steps with distillation")
+    p.add_argument(
+        "--only",
+        choices=("plain", "prune"),
+        help="time only this step (and, with a distillation weight, its twin)",
+    )
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -74,6 +79,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.distill_weight > 0:
         distilled = build(args.layers, device, distill_weight=args.distill_weight)
         steps.update(zip(("plain+distill", "prune+distill"), distilled, strict=True))
+    if args.only:
+        steps = {k: v for k, v in steps.items() if k.split("+")[0] == args.only}
     ids = batch(args.batch, args.seq, device)
     times: dict[str, list[float]] = {k: [] for k in steps}
     for r in range(args.rounds + 1):
@@ -109,11 +116,12 @@ def main(argv: list[str] | None = None) -> dict:
             }
             for k in steps
         },
-        "prune_over_plain": med["prune"] / med["plain"],
+        "prune_over_plain": med["prune"] / med["plain"] if not args.only else None,
     }
     if args.distill_weight > 0:
         result["distill_weight"] = args.distill_weight
-        result["distill_over_plain"] = {k: med[f"{k}+distill"] / med[k] for k in ("plain", "prune")}
+        kinds = (args.only,) if args.only else ("plain", "prune")
+        result["distill_over_plain"] = {k: med[f"{k}+distill"] / med[k] for k in kinds}
     print(f"device {name}, {torch.get_num_threads()} threads; torch {torch.__version__}, "
           f"transformers {transformers.__version__}")  # fmt: skip
     print(f"SmolLM2-135M shape, {args.layers} layers, batch {args.batch} x {args.seq} tokens, fp32 "
@@ -133,7 +141,8 @@ def markdown(result: dict) -> str:
     for k, s in result["steps"].items():
         mfu = f"{100 * s['mfu']:.1f} %" if s["mfu"] is not None else "-"
         lines.append(f"| {k} | {s['median_ms']:.1f} | {s['tokens_per_s']:.0f} | {mfu} |")
-    lines.append(f"\nprune / plain = {result['prune_over_plain']:.3f}")
+    if result["prune_over_plain"] is not None:
+        lines.append(f"\nprune / plain = {result['prune_over_plain']:.3f}")
     for k, v in result.get("distill_over_plain", {}).items():
         lines.append(f"{k} step with distillation (A = {result['distill_weight']}) / without = {v:.3f}")
     return "\n".join(lines)
