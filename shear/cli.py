@@ -4,6 +4,10 @@
 counts and, with a target, the target's counts, the masks a run would learn and the
 fractions it would prune. MODEL is a model folder, ``default`` or a bare config.json.
 
+``shear plan --model SRC [--target T] --world-size N --batch B --seq-len S [--strategy S]
+[--activation-checkpointing] [--distill] [--device-memory 80GB] [--json]``: per-rank memory of
+a run for DDP and FSDP from the config alone, and whether it fits (see :mod:`shear.plan`).
+
 ``shear doctor [--build] [--verbose] [--json]``: whether the C++ gather extension for
 export is built (by setup.py or in the cache), whether it could be, and the backend an
 export would use; ``--build`` compiles it now.
@@ -137,6 +141,53 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def plan(args: argparse.Namespace) -> dict[str, Any]:
+    """What ``shear plan`` reports, as a JSON-ready dict (see :mod:`shear.plan`)."""
+    from shear.loading import load_config
+    from shear.plan import parse_memory, plan_memory
+
+    source = Arch.from_config(load_config(args.model))
+    target = resolve_target(source, args.target) if args.target else None
+    device = parse_memory(args.device_memory)
+    strategies = ("ddp", "fsdp") if args.strategy == "both" else (args.strategy,)
+    plans = {
+        s: plan_memory(source, target, args.world_size, args.batch, args.seq_len, s,
+                       args.activation_checkpointing, args.distill, gpu=not args.cpu)
+        for s in strategies
+    }  # fmt: skip
+    return {
+        "model": args.model,
+        "source_params": source.total_params(),
+        "target_params": target.total_params() if target else None,
+        "world_size": args.world_size,
+        "batch": args.batch,
+        "seq_len": args.seq_len,
+        "activation_checkpointing": args.activation_checkpointing,
+        "distill": args.distill,
+        "device_memory": device,
+        "plans": {s: {**p.summary(), "fits": p.fits(device)} for s, p in plans.items()},
+        "_plans": plans,
+    }
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from shear.plan import format_plans
+
+    r = plan(args)
+    plans = r.pop("_plans")
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    target = f" -> {r['target_params'] / 1e9:.2f}B" if r["target_params"] else ""
+    print(
+        f"{args.model}: {r['source_params'] / 1e9:.2f}B parameters{target}; {args.world_size} ranks, "
+        f"micro-batch {args.batch} x {args.seq_len} tokens (global), activation checkpointing "
+        f"{'on' if args.activation_checkpointing else 'off'}{', distillation' if args.distill else ''}"
+    )
+    print(format_plans(plans, r["device_memory"]))
+    return 0
+
+
 #: Help of the options generated from the run configs (shear.trainer.TrainConfig, PruneConfig).
 _OPTION_HELP = {
     "steps": "optimiser steps",
@@ -153,6 +204,8 @@ _OPTION_HELP = {
     "init": "mask initialisation: importance (the one-shot choice from activation importance, "
     "keep probabilities at the targets) or uniform (the paper's log_alpha ~ N(5, 0.01))",
     "calibration_sequences": "training sequences on which --init importance measures activations",
+    "freeze_masks": "fraction of the last steps that train the weights under the masks frozen at "
+    "their deterministic values (0: the paper's, the masks learn to the end)",
     "eval_interval": "evaluate per domain every N steps",
     "checkpoint_interval": "checkpoint every N steps",
     "eval_sequences": "held-out sequences per domain",
@@ -161,6 +214,9 @@ _OPTION_HELP = {
     "seed": "random seed (masks, data order)",
     "precision": "auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16",
     "device": "auto, cpu or cuda[:N]",
+    "strategy": "under torchrun: ddp (every rank holds the model), fsdp (FSDP2: weights, gradients "
+    "and optimiser state sharded over the ranks) or auto (fsdp when `shear plan` says ddp does not "
+    "fit the device)",
     "num_workers": "DataLoader worker processes reading batches (any number gives the same batches)",
     "stop_after": "stop (with a checkpoint) after this many steps; continue later with --resume",
     "dynamic_interval": "steps between domain-weight updates",
@@ -209,6 +265,13 @@ def _add_run_options(p: argparse.ArgumentParser, config: type, defaults: dict[st
         "--domain-weights",
         default=argparse.SUPPRESS,
         help='initial domain weights, a JSON object or file (default: equal), e.g. {"code": 2}',
+    )
+    p.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="recompute each decoder layer's activations in the backward pass (less memory, "
+        "about a third more compute)",
     )
     for f in dataclasses.fields(config):
         if f.name not in _OPTION_HELP:
@@ -696,6 +759,20 @@ def build_parser() -> argparse.ArgumentParser:
     px.add_argument("--verbose", action="store_true", help="show the compiler's output with --build")
     px.add_argument("--json", action="store_true", help="print one JSON object")
     px.set_defaults(func=_cmd_doctor)
+
+    pl = sub.add_parser("plan", help="per-rank memory of a run for DDP and FSDP, from the config alone")
+    pl.add_argument("--model", required=True, help="model folder, 'default' or a config.json (no weights)")
+    pl.add_argument("--target", help="pruning target, as in shear info (default: continued pre-training)")
+    pl.add_argument("--world-size", type=int, default=1, help="number of ranks (default: 1)")
+    pl.add_argument("--batch", type=int, default=4, help="sequences per micro-batch, global (default: 4)")
+    pl.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence (default: 4096)")
+    pl.add_argument("--strategy", choices=("ddp", "fsdp", "both"), default="both", help="default: both")
+    pl.add_argument("--activation-checkpointing", action="store_true", help="recompute layers in backward")
+    pl.add_argument("--distill", action="store_true", help="a teacher (the source) beside the student")
+    pl.add_argument("--device-memory", default="80GB", help="memory per device, e.g. 80GB (default: 80GB)")
+    pl.add_argument("--cpu", action="store_true", help="plan a CPU run (fp32 compute) instead of a GPU run")
+    pl.add_argument("--json", action="store_true", help="print one JSON object")
+    pl.set_defaults(func=_cmd_plan)
     return p
 
 

@@ -129,10 +129,15 @@ def build_distiller(cfg: Any, ctx: Any, student: nn.Module, copy_student: bool) 
         copy_student: without ``--teacher``, copy ``student`` (pruning).
 
     Raises:
-        ShearError: no teacher can be found, or its vocabulary differs from the student's.
+        ShearError: no teacher can be found, its vocabulary differs from the student's, or
+            the run is sharded (FSDP).
     """
     if cfg.distill_weight == 0:
         return None
+    parallel = getattr(ctx, "parallel", None)
+    if parallel is not None and parallel.sharded:
+        # the loss reads the LM head's weight outside its forward, where FSDP holds only a shard
+        raise ShearError("--distill-weight does not work with a sharded (FSDP) run yet: pass --strategy ddp")
     from shear.loading import load_source  # transformers import
 
     dtype = ctx.compute_dtype

@@ -59,6 +59,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from shear.arch import Arch
 from shear.checkpoint import atomic_dir
@@ -682,6 +683,31 @@ def export_plan(
     return plan, arch
 
 
+def gather_sharded(plan: Sequence[GatherSpec], backend: str | None = None) -> list[GatherSpec] | None:
+    """Gather a plan over sharded (FSDP, DTensor) sources one tensor at a time: every rank
+    all-gathers the source, rank 0 gathers the output tensor from it at once (the C++ gather,
+    or the reference without the extension), so rank 0 holds the output and one source
+    tensor, never the whole model. Every rank must call it with the same plan.
+
+    Returns:
+        On rank 0 the plan over the gathered tensors (nothing left to select or scale: the
+        write copies them, so the bytes equal a single-process export's); None elsewhere.
+    """
+    import torch.distributed as dist
+
+    main = dist.get_rank() == 0
+    cpp = main and resolve_backend(backend).name == "cpp"
+    out: list[GatherSpec] = []
+    for spec in plan:
+        src = spec.src.full_tensor() if isinstance(spec.src, DTensor) else spec.src
+        if main:
+            full = check_spec(replace(spec, src=src))
+            done = gather_cpp([full])[0] if cpp else gather(full)
+            out.append(GatherSpec(spec.name, done, dtype=spec.dtype))
+        del src
+    return out if main else None
+
+
 def _full(scale: torch.Tensor | None, length: int) -> torch.Tensor | None:
     """A per-row scale of the given length (a layer-level scalar is broadcast)."""
     if scale is None or scale.dim() == 1:
@@ -767,8 +793,12 @@ def export_pruned(
         config.dtype = dtype
     for spec in plan:
         spec.dtype = dtype
-    plan = [check_spec(spec) for spec in plan]
     parse_size(max_shard_size)
+    if any(isinstance(spec.src, DTensor) for spec in plan):  # FSDP: every rank calls this
+        plan = gather_sharded(plan, backend)
+        if plan is None:
+            return out  # rank 0 writes
+    plan = [check_spec(spec) for spec in plan]
     chosen = resolve_backend(backend, plan)
     print(f"shear: export backend: {chosen.detail}", file=sys.stderr, flush=True)
     with atomic_dir(out, "the export") as tmp:

@@ -192,6 +192,21 @@ def init_from_importance(masks: HardConcreteMasks, scores: dict[str, torch.Tenso
         la.copy_(torch.where(keep.bool(), hc.LOG_ALPHA_MAX, hc.LOG_ALPHA_MIN).to(la))
 
 
+def decided_sparsity(masks: HardConcreteMasks) -> dict[str, float]:
+    """Expected sparsity of a row that keeps exactly its target units, by type.
+
+    With the target units at the clamp's top and the others at its bottom (where
+    :func:`init_from_importance` puts them), a row's keep probabilities sum to a little more
+    than the target count: the clamp keeps every unit's probability above 0.047. Held to
+    the paper's ``1 - target / size``, the Lagrangian would have to push the kept units
+    down into noisy sampling instead; held to this value, masks that are already decided
+    stay so, and any unit can still swap in for another.
+    """
+    hi = float(hc.keep_probability(torch.tensor(hc.LOG_ALPHA_MAX, dtype=torch.float64)))
+    lo = float(hc.keep_probability(torch.tensor(hc.LOG_ALPHA_MIN, dtype=torch.float64)))
+    return {n: 1.0 - (s.target * hi + (s.size - s.target) * lo) / s.size for n, s in masks.specs.items()}
+
+
 def keep_indicators(masks: HardConcreteMasks) -> dict[str, torch.Tensor]:
     """0/1 masks of the units the deterministic masks keep (values of exactly 1): the one-shot model."""
     return {n: (z != 0).to(z.dtype) for n, z in masks.deterministic().items()}

@@ -30,16 +30,22 @@ class Lagrangian(nn.Module):
         start: target sparsity by type at step 0 (default 0, the paper's: the uniform
             initialisation keeps everything). Masks initialised from importance already sit
             near their targets; a ramp from 0 would push the dropped units back in.
+        final: target sparsity by type after the warm-up (default: the paper's,
+            ``1 - target / size``).
     """
 
     def __init__(
-        self, masks: HardConcreteMasks, warmup_steps: int = 0, start: dict[str, float] | None = None
+        self,
+        masks: HardConcreteMasks,
+        warmup_steps: int = 0,
+        start: dict[str, float] | None = None,
+        final: dict[str, float] | None = None,
     ):
         super().__init__()
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         self.warmup_steps = warmup_steps
-        self.final_targets = {n: s.target_sparsity for n, s in masks.specs.items()}
+        self.final_targets = {n: (final or {}).get(n, s.target_sparsity) for n, s in masks.specs.items()}
         self.start_targets = {n: (start or {}).get(n, 0.0) for n in masks.specs}
         self.lambda_1 = nn.ParameterDict({n: nn.Parameter(torch.zeros(())) for n in masks.specs})
         self.lambda_2 = nn.ParameterDict({n: nn.Parameter(torch.zeros(())) for n in masks.specs})

@@ -215,11 +215,32 @@ def load_source(
         raise ShearError(f"could not load the weights in {path}: {type(exc).__name__}: {reason}") from exc
     model.to(device)
     model.eval()
+    return model, load_tokenizer(name)
 
-    tokenizer = None
-    if any((path / fname).is_file() for fname in TOKENIZER_FILES):
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
-            raise ShearError(f"could not load the tokenizer in {path}: {exc}") from exc
-    return model, tokenizer
+
+def load_tokenizer(name: str | os.PathLike) -> Any | None:
+    """The tokenizer of a model folder, or None when the folder has no tokenizer files.
+
+    Raises:
+        ShearError: the tokenizer files cannot be loaded.
+    """
+    path = resolve_model_path(name)
+    if not any((path / fname).is_file() for fname in TOKENIZER_FILES):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+        raise ShearError(f"could not load the tokenizer in {path}: {exc}") from exc
+
+
+def meta_model(name: str | os.PathLike, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """The model of ``name``'s config on the meta device: its structure, no memory, no weights
+    read (the ranks other than 0 of a sharded run receive the weights by broadcast).
+
+    Raises:
+        ShearError: as :func:`load_config`.
+    """
+    config = load_config(name)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    return model.eval()

@@ -224,6 +224,8 @@ class HardConcreteMasks(nn.Module):
             init = torch.randn(s.shape, generator=generator) * hc.INIT_STD + hc.INIT_MEAN
             self.log_alpha[s.name] = nn.Parameter(init)
         self._fixed: dict[str, torch.Tensor] | None = None
+        #: The deterministic masks at :meth:`freeze`, used by every later forward pass.
+        self.frozen: dict[str, torch.Tensor] | None = None
         #: Masks of the forward pass in progress, set by :meth:`refresh`.
         self.current: LayerMasks | None = None
 
@@ -255,9 +257,12 @@ class HardConcreteMasks(nn.Module):
         return {n: torch.ones_like(la) for n, la in self.log_alpha.items()}
 
     def values(self, training: bool) -> dict[str, torch.Tensor]:
-        """The mask values a forward pass uses: fixed, else sampled (training) or deterministic."""
+        """The mask values a forward pass uses: fixed, else frozen, else sampled (training) or
+        deterministic."""
         if self._fixed is not None:
             return self._fixed
+        if self.frozen is not None:
+            return self.frozen
         return self.sample() if training else self.deterministic()
 
     @contextlib.contextmanager
@@ -277,6 +282,19 @@ class HardConcreteMasks(nn.Module):
             yield
         finally:
             self._fixed = previous
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Fix the masks to their current deterministic values for good (training, evaluation
+        and export), so that the remaining steps train the weights of the final architecture
+        without mask noise. Saved with the module's state."""
+        self.frozen = {n: z.detach().clone() for n, z in self.deterministic().items()}
+
+    def get_extra_state(self) -> dict[str, torch.Tensor] | None:
+        return self.frozen
+
+    def set_extra_state(self, state: dict[str, torch.Tensor] | None) -> None:
+        self.frozen = state
 
     def refresh(self, training: bool) -> LayerMasks:
         """Compute the masks for the next forward pass and store them in :attr:`current`."""

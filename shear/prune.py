@@ -42,6 +42,7 @@ from shear.importance import (
     activation_importance,
     calibration_batch,
     calibration_rows,
+    decided_sparsity,
     init_from_importance,
     keep_indicators,
 )
@@ -75,6 +76,7 @@ class PruneConfig(TrainConfig):
     dynamic_interval: int = 50
     init: str = "importance"
     calibration_sequences: int = 32
+    freeze_masks: float = 0.0
 
     TASK: ClassVar[str] = "prune"
     MIN_STEPS: ClassVar[int] = 0
@@ -90,6 +92,8 @@ class PruneConfig(TrainConfig):
             raise ShearError(f"target_warmup must be in [0, 1], got {self.target_warmup}")
         if self.init not in INITS:
             raise ShearError(f"init must be {' or '.join(INITS)}, got {self.init!r}")
+        if not 0 <= self.freeze_masks <= 1:
+            raise ShearError(f"freeze_masks must be in [0, 1], got {self.freeze_masks}")
         if self.calibration_sequences <= 0:
             raise ShearError(f"calibration_sequences must be positive, got {self.calibration_sequences}")
         if self.steps == 0 and self.init != "importance":
@@ -99,18 +103,34 @@ class PruneConfig(TrainConfig):
 
 
 class PruningObjective(nn.Module):
-    """Model, masks and multipliers in one module, so DDP reduces all their gradients."""
+    """Model, masks and multipliers in one module, so DDP reduces all their gradients.
+
+    Args:
+        freeze_step: from this step on the masks are frozen at their deterministic values
+            (:meth:`HardConcreteMasks.freeze`) and the Lagrangian no longer acts; None: never.
+    """
 
     #: set by run_prune with --distill-weight > 0 (a plain object: the teacher is no submodule)
     distiller = None
 
-    def __init__(self, model: nn.Module, masks: HardConcreteMasks, lagrangian: Lagrangian):
+    def __init__(
+        self,
+        model: nn.Module,
+        masks: HardConcreteMasks,
+        lagrangian: Lagrangian,
+        freeze_step: int | None = None,
+    ):
         super().__init__()
         self.model, self.masks, self.lagrangian = model, masks, lagrangian
+        self.freeze_step = freeze_step
 
     def forward(self, input_ids: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.freeze_step is not None and step >= self.freeze_step and self.masks.frozen is None:
+            self.masks.freeze()  # every rank: the same log_alpha, the same deterministic masks
         lm = lm_loss(self.model, input_ids, self.distiller)
         lag, _ = self.lagrangian(self.masks.expected_sparsity(), step)
+        if self.masks.frozen is not None:
+            lag = lag * 0.0  # zero gradients, not none: DDP's reduction still sees every parameter
         return lm, lag
 
 
@@ -123,13 +143,18 @@ class PruneTask:
     def __init__(self, cfg: PruneConfig, model: nn.Module, masks: HardConcreteMasks, gen: torch.Generator):
         self.model, self.masks, self.gen = model, masks, gen
         self.source_model = cfg.model  # recorded in the export: `shear train` distils from it
-        with torch.no_grad():  # the ramp starts where the initialisation put the masks (uniform: ~0)
-            start = {n: float(e.mean()) for n, e in masks.expected_sparsity().items()}
+        if cfg.init == "importance":  # decided from the start: hold them there, no ramp
+            start = final = decided_sparsity(masks)
+        else:  # the paper's: ramp from where the initialisation puts the masks (~0) to 1 - k / n
+            with torch.no_grad():
+                start, final = {n: float(e.mean()) for n, e in masks.expected_sparsity().items()}, None
         self.lagrangian = Lagrangian(
-            masks, warmup_steps=round(cfg.target_warmup * cfg.steps), start=start
+            masks, warmup_steps=round(cfg.target_warmup * cfg.steps), start=start, final=final
         ).to(next(masks.parameters()).device)
         attach_masks(model, masks)
-        self.objective = PruningObjective(model, masks, self.lagrangian)
+        frozen_steps = round(cfg.freeze_masks * cfg.steps)
+        freeze_step = cfg.steps - frozen_steps if frozen_steps else None
+        self.objective = PruningObjective(model, masks, self.lagrangian, freeze_step)
         self.optimizer = build_optimizer(
             model, masks, self.lagrangian, cfg.lr_weights, cfg.lr_masks, cfg.lr_lambdas
         )
@@ -141,9 +166,14 @@ class PruneTask:
         self.masks.clamp_()
 
     def record(self, step: int) -> dict[str, Any]:
-        kept = self.masks.expected_kept()
+        frozen = self.masks.frozen
+        if frozen is None:
+            kept = self.masks.expected_kept()
+        else:  # decided: the units the frozen masks keep
+            kept = {n: (z != 0).reshape(-1, z.shape[-1]).sum(-1).float() for n, z in frozen.items()}
         lag = self.lagrangian
         return {
+            "frozen": frozen is not None,
             "expected": {n: float(k.mean()) for n, k in kept.items()},
             "expected_min": {n: float(k.min()) for n, k in kept.items()},
             "expected_max": {n: float(k.max()) for n, k in kept.items()},
@@ -206,13 +236,14 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
             a non-finite loss or gradient (the last good checkpoint is kept), a failed write,
             or another process using ``cfg.out``.
     """
-    from shear.loading import load_config, load_source  # transformers import
+    from shear.loading import load_config  # transformers import
 
     source = Arch.from_config(load_config(cfg.model))
     target = resolve_target(source, cfg.target)
     check_prunes(source, target, cfg.model)
     ctx = start_run(cfg)
-    model, tokenizer = load_source(cfg.model, device=ctx.device)
+    model, tokenizer = ctx.parallel.load(cfg.model)
+    model = ctx.parallel.shard(model)
     if tokenizer is None:
         raise ShearError(f"{cfg.model} has no tokenizer; shear prune needs one to read --data")
     corpus = build_corpus(
@@ -228,6 +259,7 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
         calibration = calibration_rows(corpus, cfg.calibration_sequences, cfg.seed)
         ctx.say(f"measuring activation importance on {cfg.calibration_sequences} training sequences")
         scores = activation_importance(model, source, calibration_batch(corpus, calibration), cfg.batch_size)
+        ctx.parallel.reshard(model)  # FSDP: every rank measured the same scores
         if ctx.main:
             write_text_atomic(ctx.out / "calibration.json", json.dumps(calibration) + "\n")
     task = build_task(cfg, model, source, target, ctx.device, scores)
@@ -266,10 +298,12 @@ def _finish_run(
     }
     if loop.stopped_early:  # resume later with --resume
         return result
-    if ctx.main and cfg.export:
+    export_dir = None
+    if cfg.export and (ctx.main or ctx.parallel.sharded):  # sharded: every rank sends its shards
+        export_dir = export_at_end(ctx, task, ctx.out / "export", tokenizer)
+    if ctx.main and export_dir is not None:
         from shear.report import write_report
 
-        export_dir = export_at_end(ctx, task, ctx.out / "export", tokenizer)
         exported_eval = evaluate_folder(export_dir, corpus, cfg.batch_size, ctx.device)
         result["export"] = str(export_dir)
         evals = {"source": source_eval, "masked": loop.final_eval, "exported": exported_eval}

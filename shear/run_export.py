@@ -131,7 +131,12 @@ def export_run(
     keys = ("masks",) if task_name == "prune" else ()
     check_checkpoint_fits(state, task, run_dir / CHECKPOINT_FILE, keys)
     try:
-        model.load_state_dict(state["model"])
+        if "shards" in state:  # an FSDP run's sharded checkpoint, read into one process
+            from shear.parallel import load_sharded
+
+            load_sharded(run_dir / state["shards"], model)
+        else:
+            model.load_state_dict(state["model"])
         if task_name == "prune":
             task.masks.load_state_dict(state["task"]["masks"])
     except (KeyError, ValueError, RuntimeError, TypeError) as e:

@@ -44,6 +44,8 @@ LOCK_FILE = ".lock"
 CONFIG_FILE = "config.json"
 LOG_FILE = "log.jsonl"
 CHECKPOINT_FILE = "checkpoint.pt"
+#: One record per session: the planner's per-rank memory and each rank's measured peak.
+MEMORY_FILE = "memory.jsonl"
 #: The entry of config.json that marks a run folder and says how to read its options.
 RUN_KEY = "shear_run"
 

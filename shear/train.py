@@ -88,9 +88,15 @@ class TrainTask:
     def export(
         self, out: str | os.PathLike, tokenizer: Any = None, max_shard_size: int | str | None = None
     ) -> Path:
-        """Save the model (safetensors) and tokenizer to ``out`` (atomically replaced)."""
+        """Save the model (safetensors) and tokenizer to ``out`` (atomically replaced); a
+        sharded model is gathered to rank 0, which writes (every rank calls this)."""
+        from shear.parallel import full_model
+
         self.model.eval()
-        return save_model_atomic(self.model, out, tokenizer, max_shard_size)
+        model = full_model(self.model)
+        if model is None:
+            return Path(out)
+        return save_model_atomic(model, out, tokenizer, max_shard_size)
 
 
 @hold_run_lock
@@ -107,10 +113,9 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         ShearError: bad input, missing reference losses with dynamic loading, a non-finite
             loss (the last good checkpoint is kept), or a failed write.
     """
-    from shear.loading import load_source  # transformers import
-
     ctx = start_run(cfg)
-    model, tokenizer = load_source(cfg.model, device=ctx.device)
+    model, tokenizer = ctx.parallel.load(cfg.model)
+    model = ctx.parallel.shard(model)
     if tokenizer is None:
         raise ShearError(f"{cfg.model} has no tokenizer; shear train needs one to read --data")
     corpus = build_corpus(
@@ -134,10 +139,12 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     }
     if loop.stopped_early:
         return result
-    if ctx.main and cfg.export:
+    folder = None
+    if cfg.export and (ctx.main or ctx.parallel.sharded):  # sharded: every rank sends its shards
+        folder = export_at_end(ctx, task, ctx.out / "model", tokenizer)
+    if ctx.main and folder is not None:
         from shear.report import write_train_report
 
-        folder = export_at_end(ctx, task, ctx.out / "model", tokenizer)
         saved_eval = evaluate_folder(folder, corpus, cfg.batch_size, ctx.device)
         result["model"] = str(folder)
         evals = {"start": initial_eval, "end": loop.final_eval, "saved": saved_eval}

@@ -13,9 +13,10 @@ log of every step and evaluation; a non-finite loss or gradient norm stops the r
 keeps the last good checkpoint. The run folder's lock, recorded options, log and leftovers
 are :mod:`shear.runfolder`'s.
 
-Under ``torchrun`` (WORLD_SIZE > 1) the objective runs in DistributedDataParallel (gloo on
-CPU, nccl on GPU): every rank plans the same global batch and keeps its own slice; rank 0
-evaluates, logs and checkpoints.
+Under ``torchrun`` (WORLD_SIZE > 1) the ranks (gloo on CPU, nccl on GPU) plan the same
+global batch and each keeps its own slice; ``--strategy`` picks DistributedDataParallel or
+FSDP2 (:mod:`shear.parallel`, where all the wrapping lives). Rank 0 logs and writes; under
+FSDP every rank takes part in evaluations, sharded checkpoints and the export.
 """
 
 from __future__ import annotations
@@ -39,9 +40,12 @@ from shear.checkpoint import checkpoint_step, load, save_atomic
 from shear.data import Corpus, DomainBatchLoader, DomainSampler
 from shear.errors import ShearError
 from shear.evaluation import domain_losses
+from shear.parallel import STRATEGIES, Parallel, load_sharded, remove_stale_shards
+from shear.plan import measured_peak, run_plans, start_peak
 from shear.runfolder import (
     CHECKPOINT_FILE,
     LOG_FILE,
+    MEMORY_FILE,
     RunLock,
     RunLog,
     changed_options,
@@ -90,6 +94,8 @@ class TrainConfig:
     export: bool = True
     resume: bool = False
     stop_after: int | None = None
+    strategy: str = "auto"
+    activation_checkpointing: bool = False
 
     #: Options a resume may change: those of one session, and those that do not change what
     #: the remaining steps compute. Every other option is fixed for the life of a run.
@@ -99,6 +105,7 @@ class TrainConfig:
         "device",
         "eval_interval",
         "checkpoint_interval",
+        "activation_checkpointing",
     }
     #: The task name recorded in the run folder (``shear train``).
     TASK: ClassVar[str] = "train"
@@ -144,6 +151,8 @@ class TrainConfig:
             raise ShearError(f"distill_weight must be in [0, 1], got {self.distill_weight}")
         if not (math.isfinite(self.distill_temperature) and self.distill_temperature > 0):
             raise ShearError(f"distill_temperature must be finite and > 0, got {self.distill_temperature}")
+        if self.strategy not in STRATEGIES:
+            raise ShearError(f"strategy must be {', '.join(STRATEGIES)}, got {self.strategy!r}")
         if not (math.isfinite(self.dynamic_eta) and self.dynamic_eta >= 0):
             raise ShearError(f"dynamic_eta must be a finite number >= 0, got {self.dynamic_eta}")
         if not 0 <= self.min_domain_weight < 1:
@@ -185,7 +194,9 @@ class RunContext:
     device: torch.device
     out: Path
     log: RunLog
+    parallel: Parallel
     lock: RunLock | None = None
+    memory_baseline: int = 0
 
     @property
     def main(self) -> bool:
@@ -205,22 +216,27 @@ class RunContext:
     @property
     def compute_dtype(self) -> torch.dtype:
         """bfloat16 where the run autocasts (GPU, or when asked), else float32."""
-        p = self.cfg.precision
-        bf16 = p == "bf16" or (p == "auto" and self.device.type == "cuda")
-        return torch.bfloat16 if bf16 else torch.float32
+        return torch.bfloat16 if bf16_compute(self.cfg.precision, self.device) else torch.float32
 
     def autocast(self) -> Any:
         """bf16 autocast on GPU (or when asked), else nothing."""
-        if self.compute_dtype == torch.bfloat16:
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return nullcontext()
+        bf16 = bf16_compute(self.cfg.precision, self.device)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
     def evaluate(self, model: nn.Module, corpus: Corpus) -> dict[str, float] | None:
-        """Per-domain held-out loss on rank 0 (None elsewhere)."""
-        if not self.main:
+        """Per-domain held-out loss on rank 0 (None elsewhere); a sharded model's forward needs
+        every rank, so there every rank evaluates."""
+        if not self.main and not self.parallel.sharded:
             return None
         with self.autocast():
-            return domain_losses(model, corpus.eval, batch_size=self.cfg.batch_size)
+            losses = domain_losses(model, corpus.eval, batch_size=self.cfg.batch_size)
+        self.parallel.reshard(model)
+        return losses if self.main else None
+
+
+def bf16_compute(precision: str, device: torch.device) -> bool:
+    """Whether a run computes in bf16: asked for, or ``auto`` on GPU."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
 def start_run(cfg: TrainConfig) -> RunContext:
@@ -241,6 +257,8 @@ def start_run(cfg: TrainConfig) -> RunContext:
     if cfg.batch_size % world:
         raise ShearError(f"batch size {cfg.batch_size} is not divisible by {world} ranks")
     device = resolve_device(cfg.device)
+    if device.type == "cuda" and device.index is not None:  # FSDP's mesh and NCCL read it from here
+        torch.cuda.set_device(device)
     out = Path(cfg.out)
     lock, error = None, None
     if rank == 0:
@@ -252,7 +270,24 @@ def start_run(cfg: TrainConfig) -> RunContext:
     if error is not None:
         raise ShearError(error)
     torch.manual_seed(cfg.seed)
-    return RunContext(cfg, rank, world, device, out, RunLog(out / LOG_FILE, rank == 0), lock)
+    parallel = Parallel(
+        resolve_run_strategy(cfg, world, device), rank, world, device, cfg.activation_checkpointing,
+        bf16_compute(cfg.precision, device),
+    )  # fmt: skip
+    log = RunLog(out / LOG_FILE, rank == 0)
+    return RunContext(cfg, rank, world, device, out, log, parallel, lock, start_peak(device))
+
+
+def resolve_run_strategy(cfg: TrainConfig, world: int, device: torch.device) -> str:
+    """``--strategy``, with ``auto`` decided by the memory planner (:mod:`shear.plan`); one
+    process has nothing to shard (``auto``: DDP's plain checkpoints)."""
+    if cfg.strategy != "auto":
+        return cfg.strategy
+    if world == 1:
+        return "ddp"
+    from shear.plan import ddp_fits
+
+    return "ddp" if ddp_fits(cfg, world, device) else "fsdp"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -448,19 +483,25 @@ def run_loop(
     sampler = DomainSampler(corpus, weights, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world)
     loader = DomainBatchLoader(sampler, cfg.batch_size, cfg.num_workers, pin_memory=device.type == "cuda")
 
+    parallel = ctx.parallel
     start = 0
     if cfg.resume:
         state = load(ctx.checkpoint_path)
         check_checkpoint_fits(state, task, ctx.checkpoint_path)
         try:
-            task.model.load_state_dict(state["model"])
+            if "shards" in state:  # sharded: model and optimiser from the DCP folder, resharded
+                load_sharded(ctx.out / state["shards"], task.model, task.objective, task.optimizer)
+            else:
+                task.model.load_state_dict(state["model"])
+                task.optimizer.load_state_dict(state["optimizer"])
             task.load_state_dict(state["task"])
-            task.optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             loader.load_state_dict(state["sampler"])
-            torch.set_rng_state(state["rng"]["torch"])
-            if device.type == "cuda" and "cuda" in state["rng"]:
-                torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+            rng = state["rng"]
+            rng = rng[min(ctx.rank, len(rng) - 1)] if isinstance(rng, list) else rng  # per rank
+            torch.set_rng_state(rng["torch"])
+            if device.type == "cuda" and "cuda" in rng:
+                torch.cuda.set_rng_state(rng["cuda"], device)
             extra_state, start = state["extra"], int(state["step"])
         except (KeyError, ValueError, RuntimeError, TypeError) as e:
             raise ShearError(
@@ -481,30 +522,34 @@ def run_loop(
             f"dynamic batch loading needs a positive initial weight for every domain; {zero} have 0"
         )
 
-    trainable = task.objective
-    if ctx.world > 1:
-        trainable = nn.parallel.DistributedDataParallel(
-            task.objective, device_ids=[device.index] if device.type == "cuda" else None
-        )
+    trainable = parallel.wrap(task.objective)
 
     def checkpoint(step: int) -> None:
+        rng = {"torch": torch.get_rng_state()}
+        if device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(device)
+        state = {
+            "step": step,
+            "meta": {"task": task.name, "model": model_class_name(task.model)},
+            "task": task.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "sampler": loader.state_dict(),
+            "rng": rng,
+            "extra": extra_state,
+            "reference": reference,
+        }
+        if parallel.strategy == "fsdp":  # model and optimiser sharded; every rank's RNG
+            state["model_shapes"] = {k: list(v.shape) for k, v in task.model.state_dict().items()}
+            state["rng"] = parallel.gather_objects(rng)
+            state["shards"] = parallel.save_sharded(
+                ctx.out, step, task.model, task.objective, task.optimizer
+            ).name
+        elif ctx.main:
+            state.update(model=task.model.state_dict(), optimizer=task.optimizer.state_dict())
         if ctx.main:
-            rng = {"torch": torch.get_rng_state()}
-            if device.type == "cuda":
-                rng["cuda"] = torch.cuda.get_rng_state(device)
-            state = {
-                "step": step,
-                "meta": {"task": task.name, "model": type(task.model).__name__},
-                "model": task.model.state_dict(),
-                "task": task.state_dict(),
-                "optimizer": task.optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "sampler": loader.state_dict(),
-                "rng": rng,
-                "extra": extra_state,
-                "reference": reference,
-            }
             save_atomic(state, ctx.checkpoint_path, _kept(ctx, last_good))
+            if "shards" in state:
+                remove_stale_shards(ctx.out, state["shards"])
         if ctx.world > 1:
             dist.barrier()
 
@@ -517,7 +562,7 @@ def run_loop(
     for step in range(start, end):
         t0 = time.perf_counter()
         task.model.train()
-        lm_sum, extra_value, counts = 0.0, 0.0, dict.fromkeys(corpus.domains, 0)
+        lm_sum, counts = torch.zeros((), device=device), dict.fromkeys(corpus.domains, 0)
         t_data = 0.0
         for micro in range(cfg.grad_accum):
             td = time.perf_counter()
@@ -525,22 +570,23 @@ def run_loop(
             t_data += time.perf_counter() - td
             for d in doms:
                 counts[d] += 1
-            sync = nullcontext() if ctx.world == 1 or micro == cfg.grad_accum - 1 else trainable.no_sync()
-            with sync:
+            # one micro-batch: masks sampled (the decoder's pre-hook), loss, backward; the
+            # gradients are reduced across ranks on the last micro-batch only
+            with parallel.accumulating(trainable, task.objective, last=micro == cfg.grad_accum - 1):
                 with ctx.autocast():
                     lm, extra = trainable(ids.to(device, non_blocking=True), step)
                 ((lm + extra) / cfg.grad_accum).backward()
-            lm_sum += lm.detach().float().item() / cfg.grad_accum
-            extra_value = extra.detach().float().item()
-        if ctx.world > 1:
-            t = torch.tensor([lm_sum], device=device)
-            dist.all_reduce(t)
-            lm_sum = t.item() / ctx.world
+            lm_sum += lm.detach().float() / cfg.grad_accum  # stays on the device
+        parallel.reduce_replicated(task.objective)
+        grad_norm_t = parallel.clip(clip, cfg.max_grad_norm)
+        # the step's one host sync: the log needs the numbers, and a NaN loss or gradient
+        # must stop the run before it reaches the optimiser
+        lm_sum, extra_value, grad_norm = torch.stack(
+            [parallel.mean(lm_sum), extra.detach().float(), grad_norm_t.float()]
+        ).tolist()
         if not math.isfinite(lm_sum) or not math.isfinite(extra_value):
             bad = lm_sum if not math.isfinite(lm_sum) else extra_value
             raise ShearError(f"the loss became {bad} at step {step + 1}; stopped ({_kept(ctx, last_good)})")
-        # one host sync per step: a NaN gradient behind a finite loss must not reach the optimiser
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(clip, cfg.max_grad_norm))
         if not math.isfinite(grad_norm):
             raise ShearError(
                 f"the gradient norm became {grad_norm} at step {step + 1} (the loss was {lm_sum:.4g}); "
@@ -596,11 +642,31 @@ def run_loop(
             last_good = done
     if progress is not None:
         progress.close()
+    log_memory(ctx, end)
     if end < cfg.steps:
         return LoopResult(end, final_eval, True, reference), extra_state
-    if final_eval is None:  # resumed at the end
+    if start == cfg.steps:  # resumed at the end: no evaluation ran (None off rank 0 anyway)
         final_eval = ctx.evaluate(task.model, corpus)
     return LoopResult(cfg.steps, final_eval, False, reference), extra_state
+
+
+def log_memory(ctx: RunContext, step: int) -> None:
+    """Record the planner's per-rank figure for this session next to each rank's measured
+    peak (CUDA max allocated; on CPU the peak resident set above the one before the model
+    loaded) in ``memory.jsonl``, and say both on stderr."""
+    peaks = ctx.parallel.gather_objects(measured_peak(ctx.device, ctx.memory_baseline))
+    if not ctx.main:
+        return
+    plan = run_plans(ctx.cfg, ctx.world, ctx.device)[ctx.parallel.strategy]
+    record = {"step": step, "strategy": ctx.parallel.strategy, "world_size": ctx.world}
+    # its own file: the step log of a resumed run stays that of a straight one
+    RunLog(ctx.out / MEMORY_FILE, True).write({**record, "planned": plan.summary(), "measured_peak": peaks})
+    if peaks[0] is not None:
+        ctx.say(
+            f"peak memory per rank: planned {plan.total / 1e9:.3f} GB, measured "
+            + ", ".join(f"{p / 1e9:.3f}" for p in peaks if p is not None)
+            + " GB"
+        )
 
 
 def export_at_end(ctx: RunContext, task: Task, out: Path, tokenizer: Any) -> Path:
@@ -639,27 +705,37 @@ def check_checkpoint_fits(
     """
     meta = state.get("meta") or {}
     problems = []
+    model_class = model_class_name(task.model)
     if meta.get("task", task.name) != task.name:
         problems.append(f"it is from a `shear {meta['task']}` run, this is `shear {task.name}`")
-    if meta.get("model", type(task.model).__name__) != type(task.model).__name__:
-        problems.append(f"its model is a {meta['model']}, this run's is a {type(task.model).__name__}")
+    if meta.get("model", model_class) != model_class:
+        problems.append(f"its model is a {meta['model']}, this run's is a {model_class}")
     if not problems:
         current_task, saved_task = task.state_dict(), state.get("task")
         if task_keys is not None and isinstance(saved_task, dict):
             current_task = {k: current_task[k] for k in task_keys}
             saved_task = {k: saved_task.get(k) for k in task_keys}
-        for part, saved, current in (
-            ("model", state.get("model"), task.model.state_dict()),
-            ("task", saved_task, current_task),
-        ):
-            problems += _shape_differences(part, saved, current)
+        saved_model = _tensor_shapes("model", state.get("model"))
+        if "model_shapes" in state:  # a sharded checkpoint records the shapes
+            saved_model = {f"model.{k}": v for k, v in state["model_shapes"].items()}
+        problems += _shape_differences(saved_model, _tensor_shapes("model", task.model.state_dict()))
+        problems += _shape_differences(
+            _tensor_shapes("task", saved_task), _tensor_shapes("task", current_task)
+        )
     if problems:
         raise ShearError(f"--resume: the checkpoint {path} does not fit this run: {'; '.join(problems)}")
 
 
-def _shape_differences(part: str, saved: Any, current: Any) -> list[str]:
-    """Tensors missing on either side or of another shape, summarised."""
-    a, b = _tensor_shapes(part, saved), _tensor_shapes(part, current)
+def model_class_name(model: nn.Module) -> str:
+    """The model's own class name (FSDP's wrapper class, ``FSDPLlamaForCausalLM``, is not)."""
+    cls = type(model)
+    while cls.__name__.startswith("FSDP") and len(cls.__bases__) > 1:
+        cls = cls.__bases__[1]
+    return cls.__name__
+
+
+def _shape_differences(a: dict[str, list[int]], b: dict[str, list[int]]) -> list[str]:
+    """Tensors missing on either side (``a`` is the checkpoint's) or of another shape, summarised."""
     out = []
     for what, names in (
         ("only in the checkpoint", [n for n in a if n not in b]),
@@ -687,6 +763,8 @@ def _tensor_shapes(prefix: str, obj: Any) -> dict[str, list[int]]:
     items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list | tuple) else ()
     out: dict[str, list[int]] = {}
     for k, v in items:
+        if k == "_extra_state":  # a module's optional state (frozen masks): present or not, it fits
+            continue
         out.update(_tensor_shapes(f"{prefix}.{k}", v))
     return out
 

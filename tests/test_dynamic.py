@@ -28,6 +28,20 @@ def test_reference_rule_by_hand():
     assert list(new.values()) == pytest.approx([0.510854, 0.152233, 0.336913], abs=1e-6)
 
 
+def test_step_size_and_floor_by_hand():
+    # eta 0.3: w * exp(0.3 delta) = (0.580917, 0.3, 0.269972) / 1.150889 = (0.504756, 0.260668, 0.234576)
+    new = update_weights(W, LOSS, REF, eta=0.3)
+    assert list(new.values()) == pytest.approx([0.504756, 0.260668, 0.234576], abs=1e-6)
+    # a floor of 0.1 over 3 domains: 0.1 + 0.7 * w
+    floored = update_weights(W, LOSS, REF, eta=0.3, floor=0.1)
+    assert list(floored.values()) == pytest.approx([0.1 + 0.7 * v for v in new.values()], abs=1e-9)
+    # a huge gap (a freshly pruned model) cannot take a domain below the floor
+    collapse = update_weights(W, dict(LOSS, c=12.0), REF, eta=1.0, floor=0.05)
+    assert min(collapse.values()) >= 0.05 and math.isclose(sum(collapse.values()), 1.0)
+    with pytest.raises(ShearError, match="below 1 / 3 domains"):
+        update_weights(W, LOSS, REF, floor=0.34)
+
+
 def test_properties():
     new = update_weights(W, LOSS, REF)
     assert math.isclose(sum(new.values()), 1.0)

@@ -63,7 +63,8 @@ def test_importance_sees_what_the_model_cannot_use():
     s = activation_importance(model, arch, ids, batch_size=2)
     L, G = arch.layers, arch.kv_heads
     I = arch.intermediate  # noqa: E741
-    shapes = {"hidden": (arch.hidden,), "head": (L, G, n), "kv": (L, G), "intermediate": (L, I), "layer": (L,)}
+    shapes = {"hidden": (arch.hidden,), "head": (L, G, n), "kv": (L, G), "intermediate": (L, I)}
+    shapes["layer"] = (L,)
     assert {k: tuple(s[k].shape) for k in shapes} == shapes
     assert torch.all(s["head"][0, 1] == 0) and torch.all(s["head"][0, 0] > 0) and torch.all(s["head"][1:] > 0)
     assert s["kv"][0, 1] == 0 and s["kv"][0, 0] > 0

@@ -38,7 +38,8 @@ def _log(run):
 
 def test_train_moves_weights_toward_the_largest_gap_and_reports_it(tiny_source, data_dir, tmp_path):
     refs = _refs(data_dir, "code")
-    r = run_train(_cfg(tiny_source, data_dir, tmp_path / "run", reference_losses=refs))
+    paper = dict(dynamic_eta=1.0, min_domain_weight=0.0)  # the paper's step and no floor
+    r = run_train(_cfg(tiny_source, data_dir, tmp_path / "run", reference_losses=refs, **paper))
     log = _log(tmp_path / "run")
     steps = [x for x in log if "loss" in x]
     assert len(steps) == 6 and all(torch.isfinite(torch.tensor(x["loss"])) for x in steps)
@@ -247,7 +248,8 @@ def test_torchrun_module_entry_point_trains_on_two_gloo_ranks(tiny_source, data_
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
          "-m", "shear", "train", "--model", tiny_source, "--data", data_dir, "--out", str(out),
          "--steps", "2", "--batch-size", "4", "--seq-len", "32", "--dynamic-interval", "1",
-         "--num-workers", "1", "--reference-losses", refs, "--no-export"],
+         "--num-workers", "1", "--reference-losses", refs, "--no-export", "--dynamic-eta", "1",
+         "--min-domain-weight", "0"],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -1,0 +1,234 @@
+"""The memory planner: per-rank memory of a pruning or training run, for DDP and for FSDP.
+
+From the source's config alone (no weights), :func:`plan_memory` estimates what one rank
+holds at its peak, in bytes:
+
+* weights: fp32 master weights, all of them (DDP) or 1/N of them (FSDP) plus the gathered
+  parameters in flight (FSDP: the root's embedding / LM head / final norm, and two decoder
+  layers, the one computing and the one prefetched; in bf16 on GPU, fp32 on CPU);
+* gradients: fp32, the same split (FSDP: plus the unsharded gradients of the parameters in
+  flight, before they are reduce-scattered);
+* optimiser: AdamW's two fp32 moments, the same split;
+* activations: what one micro-batch keeps for the backward pass, per token and layer
+  (the norms' inputs and outputs, q/k/v before and after RoPE, the attention output, the
+  MLP's gate, up, activation and product, and the masked outputs); with activation
+  checkpointing only each layer's input plus one layer's recomputation; and the logits
+  with the loss's fp32 copies;
+* masks: log_alpha, the multipliers, their gradients and AdamW state (replicated);
+* teacher (``--distill``): the unpruned source in the compute dtype, replicated (DDP) or
+  sharded (FSDP), and its logits.
+
+Each run logs its measured peak (CUDA max allocated on GPU; on CPU the peak resident set
+above what the process held before the model loaded) next to this figure
+(:func:`measured_peak`). ``auto`` strategy: FSDP when DDP's plan does not fit the device.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from shear.arch import Arch
+from shear.errors import ShearError
+from shear.masks import plan_masks
+
+#: Part of the device memory a plan may use: the rest is the CUDA context, the allocator's
+#: fragmentation and the workspaces of kernels (and, on CPU, the process itself).
+USABLE_FRACTION = 0.9
+_GB = 1e9
+
+
+@dataclass
+class MemoryPlan:
+    """Per-rank bytes of one strategy's peak (see the module docstring)."""
+
+    strategy: str
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    masks: int
+    teacher: int
+
+    @property
+    def total(self) -> int:
+        """The sum of the parts."""
+        return self.weights + self.gradients + self.optimizer + self.activations + self.masks + self.teacher
+
+    def fits(self, device_bytes: int) -> bool:
+        """Whether the plan fits :data:`USABLE_FRACTION` of ``device_bytes``."""
+        return self.total <= USABLE_FRACTION * device_bytes
+
+    def summary(self) -> dict[str, Any]:
+        """The parts and the total in bytes."""
+        return {**asdict(self), "total": self.total}
+
+
+def _layer_params(arch: Arch) -> int:
+    return arch.attention_params() + arch.mlp_params() + 2 * arch.hidden
+
+
+def _activation_bytes(arch: Arch, tokens: int, act_bytes: int, checkpointing: bool, masked: bool) -> int:
+    """Bytes one micro-batch of ``tokens`` tokens keeps for its backward pass."""
+    h, i = arch.hidden, arch.intermediate
+    q, kv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
+    # per token, one layer: two norms (input and output: 4h), q/k/v before and after RoPE
+    # (2q + 4kv), the attention output and o_proj's input (2q), two residual sums (2h), the
+    # MLP's gate, up, silu(gate) and product (4i); masking adds the masked o_proj / MLP
+    # outputs and the hidden-masked norms' outputs (3h)
+    per_layer = 6 * h + 4 * q + 4 * kv + 4 * i + (3 * h if masked else 0)
+    if checkpointing:  # each layer's input, and one layer recomputed at a time
+        layers = arch.layers * h + per_layer
+    else:
+        layers = arch.layers * per_layer
+    # the logits in the compute dtype, their fp32 copy and the loss's fp32 log-softmax
+    logits = arch.vocab * (act_bytes + 8)
+    return tokens * (layers * act_bytes + logits)
+
+
+def plan_memory(
+    source: Arch,
+    target: Arch | None,
+    world: int,
+    batch: int,
+    seq_len: int,
+    strategy: str,
+    checkpointing: bool = False,
+    distill: bool = False,
+    gpu: bool = True,
+) -> MemoryPlan:
+    """Per-rank peak memory of a run (see the module docstring).
+
+    Args:
+        source: the model trained (pruning: the unpruned source).
+        target: the pruning target (None: continued pre-training, no masks).
+        world: number of ranks.
+        batch: sequences per micro-batch, global (each rank holds ``batch / world``).
+        seq_len: tokens per sequence.
+        strategy: ``ddp`` or ``fsdp``.
+        checkpointing: activation checkpointing per decoder layer.
+        distill: a teacher (the unpruned source) runs beside the student.
+        gpu: bf16 compute and FSDP's bf16 gathered parameters (GPU); fp32 on CPU.
+
+    Returns:
+        The plan.
+    """
+    if strategy not in ("ddp", "fsdp"):
+        raise ShearError(f"the planner knows ddp and fsdp, not {strategy!r}")
+    if world < 1 or batch < 1 or seq_len < 1:
+        raise ShearError("world size, batch and sequence length must be positive")
+    params = source.total_params()
+    act_bytes = 2 if gpu else 4
+    tokens = -(-batch // world) * seq_len
+    masks = 0
+    if target is not None:
+        units = sum(math.prod(s.shape) for s in plan_masks(source, target))
+        # log_alpha + grad + two moments, the sampled and deterministic z (fp32)
+        masks = units * 4 * 6
+    if strategy == "ddp":
+        weights, gradients, optimizer = 4 * params, 4 * params, 8 * params
+        teacher = act_bytes * params if distill else 0
+    else:
+        in_flight = source.embedding_params() + source.hidden + 2 * _layer_params(source)
+        weights = 4 * params // world + act_bytes * in_flight
+        gradients = 4 * params // world + act_bytes * in_flight  # unsharded until reduce-scattered
+        optimizer = 8 * params // world
+        teacher = act_bytes * (params // world + in_flight) if distill else 0
+    activations = _activation_bytes(source, tokens, act_bytes, checkpointing, target is not None)
+    if distill:  # the teacher's logits and their fp32 softmax
+        activations += tokens * source.vocab * (act_bytes + 4)
+    return MemoryPlan(strategy, weights, gradients, optimizer, activations, masks, teacher)
+
+
+def parse_memory(text: str) -> int:
+    """Bytes from ``80GB``, ``80GiB``, ``512MB`` or a plain number.
+
+    Raises:
+        ShearError: not a size.
+    """
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
+    if not m:
+        raise ShearError(f"not a memory size: {text!r} (e.g. 80GB)")
+    base = 1024 if m.group(3) else 1000
+    return int(float(m.group(1)) * base ** " KMGT".index(m.group(2).upper() or " "))
+
+
+def device_memory(device: torch.device) -> int:
+    """The memory of ``device``: the GPU's total, or the host's RAM for the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def run_plans(cfg: Any, world: int, device: torch.device) -> dict[str, MemoryPlan]:
+    """The DDP and FSDP plans of a run's options (a ``TrainConfig`` or ``PruneConfig``)."""
+    from shear.loading import load_config
+    from shear.target import resolve_target
+
+    source = Arch.from_config(load_config(cfg.model))
+    target = resolve_target(source, cfg.target) if getattr(cfg, "target", None) else None
+    return {
+        s: plan_memory(
+            source, target, world, cfg.batch_size, cfg.seq_len, s, cfg.activation_checkpointing,
+            bool(getattr(cfg, "distill", False)), device.type == "cuda",
+        )
+        for s in ("ddp", "fsdp")
+    }  # fmt: skip
+
+
+def ddp_fits(cfg: Any, world: int, device: torch.device) -> bool:
+    """Whether the planner says a DDP run of ``cfg`` fits this device (``--strategy auto``)."""
+    return run_plans(cfg, world, device)["ddp"].fits(device_memory(device))
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def start_peak(device: torch.device) -> int:
+    """Start measuring a run's peak: reset the peak counters; returns the baseline (CPU: the
+    resident set now, which the planner does not count; GPU: 0)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return 0
+    try:  # Linux: "5" resets the peak resident set size (VmHWM)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return _status_kb("VmRSS") or 0
+
+
+def measured_peak(device: torch.device, baseline: int) -> int | None:
+    """The peak since :func:`start_peak`: CUDA max allocated, or the peak resident set minus
+    the baseline (None where the system does not say)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    peak = _status_kb("VmHWM")
+    return None if peak is None else peak - baseline
+
+
+def format_plans(plans: dict[str, MemoryPlan], device_bytes: int | None) -> str:
+    """A table of the plans in GB, and whether each fits ``device_bytes``."""
+    parts = ("weights", "gradients", "optimizer", "activations", "masks", "teacher", "total")
+    lines = [f"{'per rank (GB)':<14}" + "".join(f"{s:>10}" for s in plans)]
+    for part in parts:
+        row = [plans[s].summary()[part] / _GB for s in plans]
+        lines.append(f"{part:<14}" + "".join(f"{v:>10.2f}" for v in row))
+    if device_bytes:
+        fits = ["yes" if plans[s].fits(device_bytes) else "no" for s in plans]
+        label = f"fits {device_bytes / _GB:.0f} GB"
+        lines.append(f"{label:<14}" + "".join(f"{f:>10}" for f in fits))
+    return "\n".join(lines)
