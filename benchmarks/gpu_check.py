@@ -19,7 +19,11 @@ fails or runs out of time is recorded and the next one runs):
    and without half the heads / channels zero, and the mask sampling; PASS / FAIL for
    masked <= 1.10x dense, >= 1.5x faster than eager, <= 0.65x dense at 50 % zeros.
 4. ``prune_step``: ``benchmarks/report_prune_step.py``: the pruning step against the plain
-   step at SmolLM2-135M shapes in bf16 autocast: tokens/s and model FLOPs utilisation.
+   step at SmolLM2-135M shapes in bf16 autocast: tokens/s and model FLOPs utilisation; and
+   both with distillation (``--distill-weight 0.5``) against both without.
+5. ``linear_kl``: ``benchmarks/report_linear_kl.py``: the fused linear-KL distillation loss
+   (Triton) against the eager full-logits loss at 8192 tokens and a 128k vocabulary
+   (LLaMA-3's) with hidden 4096, bf16: time and peak memory.
 
 Writes ``DIR/gpu_check.json`` (everything) and ``DIR/gpu_check.md`` (the section to paste
 into benchmarks/RESULTS.md), the logs of every step under ``DIR/logs``, and exits non-zero
@@ -70,6 +74,7 @@ class Plan:
     test_shards: int
     layer_args: list[str]
     prune_args: list[str]
+    linear_kl_args: list[str]
     timeouts: dict[str, float]
 
 
@@ -96,8 +101,37 @@ def plan(dry_run: bool, jobs: int) -> Plan:
                 "eager,dense",
                 "--no-sampling",
             ],  # fmt: skip
-            prune_args=["--layers", "2", "--batch", "1", "--seq", "16", "--rounds", "1"],
-            timeouts={"install": 120, "kernel_tests": 180, "layer_targets": 180, "prune_step": 120},
+            prune_args=[
+                "--layers",
+                "2",
+                "--batch",
+                "1",
+                "--seq",
+                "16",
+                "--rounds",
+                "1",
+                "--distill-weight",
+                "0.5",
+            ],
+            linear_kl_args=[
+                "--tokens",
+                "64",
+                "--vocab",
+                "1000",
+                "--hidden",
+                "32",
+                "--teacher-hidden",
+                "48",
+                "--rounds",
+                "1",
+            ],  # fmt: skip
+            timeouts={
+                "install": 120,
+                "kernel_tests": 180,
+                "layer_targets": 180,
+                "prune_step": 120,
+                "linear_kl": 120,
+            },
         )
     kernel_tests = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests" / "kernels").glob("test_*.py"))
     return Plan(
@@ -105,8 +139,39 @@ def plan(dry_run: bool, jobs: int) -> Plan:
         test_filter=None,
         test_shards=jobs,
         layer_args=["--shapes", "llama7b", "--dtype", "bf16", "--tokens", "8192", "16384", "--rounds", "10"],
-        prune_args=["--layers", "30", "--batch", "8", "--seq", "2048", "--rounds", "10"],
-        timeouts={"install": 120, "kernel_tests": 270, "layer_targets": 210, "prune_step": 120},
+        prune_args=[
+            "--layers",
+            "30",
+            "--batch",
+            "8",
+            "--seq",
+            "2048",
+            "--rounds",
+            "10",
+            "--distill-weight",
+            "0.5",
+        ],
+        linear_kl_args=[
+            "--tokens",
+            "8192",
+            "--vocab",
+            "128256",
+            "--hidden",
+            "4096",
+            "--teacher-hidden",
+            "4096",
+            "--dtype",
+            "bf16",
+            "--rounds",
+            "5",
+        ],  # fmt: skip
+        timeouts={
+            "install": 120,
+            "kernel_tests": 270,
+            "layer_targets": 210,
+            "prune_step": 150,
+            "linear_kl": 90,
+        },
     )
 
 
@@ -279,6 +344,20 @@ def step_prune(out: Path, p: Plan, budget: float) -> Step:
     return step
 
 
+def step_linear_kl(out: Path, p: Plan, budget: float) -> Step:
+    step = Step("linear_kl")
+    dest = out / "linear_kl.json"
+    cmd = [sys.executable, str(BENCH / "report_linear_kl.py"), *p.linear_kl_args, "--json", str(dest)]
+    log = out / "logs" / "linear_kl.log"
+    step.status, step.seconds = _run(cmd, log, min(p.timeouts["linear_kl"], budget))
+    if dest.exists():
+        step.result = json.loads(dest.read_text())
+    elif step.status == "ok":
+        step.status = "failed"
+    step.detail = _tail(log, 3) if step.status != "ok" else ""
+    return step
+
+
 # --- report -----------------------------------------------------------------------------------
 
 
@@ -351,6 +430,13 @@ def markdown(env: dict, steps: list[Step]) -> str:
                   f"{r['batch']} x {r['seq']} tokens, median of {r['rounds']} interleaved rounds "
                   f"(MFU: {r['flops_per_token'] / 1e9:.2f} GFLOP per token over {peak}):",
                   "", prune_table(r)]  # fmt: skip
+    linear_kl = by_name.get("linear_kl")
+    if linear_kl and linear_kl.result:
+        sys.path.insert(0, str(BENCH))
+        from report_linear_kl import markdown as linear_kl_table
+
+        lines += ["", "Fused linear-KL distillation loss vs eager full logits, forward+backward:", "",
+                  linear_kl_table(linear_kl.result)]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -366,7 +452,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="check the plumbing on CPU at toy sizes")
     ap.add_argument("--budget-s", type=float, default=480.0, help="overall time limit (default 480 s)")
     ap.add_argument("--jobs", type=int, default=min(12, os.cpu_count() or 1), help="parallel test processes")
-    ap.add_argument("--steps", default="install,kernel_tests,layer_targets,prune_step", help="comma list")
+    ap.add_argument(
+        "--steps", default="install,kernel_tests,layer_targets,prune_step,linear_kl", help="comma list"
+    )
     args = ap.parse_args(argv)
     import torch
 
@@ -381,6 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         "kernel_tests": step_kernel_tests,
         "layer_targets": step_layer_targets,
         "prune_step": step_prune,
+        "linear_kl": step_linear_kl,
     }
     wanted = [s.strip() for s in args.steps.split(",") if s.strip()]
     bad = [s for s in wanted if s not in runners]

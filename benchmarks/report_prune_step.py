@@ -6,8 +6,12 @@ attention 7 L H D S (forward 2 S H D per token and layer, backward 2.5x), over t
 dense bf16 peak. Both steps count the plain model's FLOPs: the masks' extra work is tiny,
 and the pruning step's MFU then says how much of the device it keeps busy on the same model.
 
+``--distill-weight A`` also times both steps with distillation (shear's fused loss from a
+frozen copy of the model as the teacher, :mod:`shear.distill`) and their ratios to the
+steps without it.
+
 Run: python benchmarks/report_prune_step.py [--layers 30] [--batch 4] [--seq 128] [--rounds 8]
-     [--json PATH]
+     [--distill-weight 0.5] [--json PATH]
 """
 
 from __future__ import annotations
@@ -61,17 +65,26 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--distill-weight", type=float, default=0.0, help="also time the steps with distillation")
+    p.add_argument(
+        "--only",
+        choices=("plain", "prune"),
+        help="time only this step (and, with a distillation weight, its twin)",
+    )
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    plain, prune = build(args.layers, device)
+    steps = dict(zip(("plain", "prune"), build(args.layers, device), strict=True))
+    if args.distill_weight > 0:
+        distilled = build(args.layers, device, distill_weight=args.distill_weight)
+        steps.update(zip(("plain+distill", "prune+distill"), distilled, strict=True))
+    if args.only:
+        steps = {k: v for k, v in steps.items() if k.split("+")[0] == args.only}
     ids = batch(args.batch, args.seq, device)
-    times: dict[str, list[float]] = {"plain": [], "prune": []}
+    times: dict[str, list[float]] = {k: [] for k in steps}
     for r in range(args.rounds + 1):
-        for step_name, step in (
-            (("plain", plain), ("prune", prune)) if r % 2 else (("prune", prune), ("plain", plain))
-        ):
+        for step_name, step in list(steps.items())[:: 1 if r % 2 else -1]:
             if device == "cuda":
                 torch.cuda.synchronize()
             t = time.perf_counter()
@@ -101,10 +114,14 @@ def main(argv: list[str] | None = None) -> dict:
                 "tokens_per_s": tokens / med[k],
                 "mfu": tokens / med[k] * fpt / (peak * 1e12) if peak else None,
             }
-            for k in ("plain", "prune")
+            for k in steps
         },
-        "prune_over_plain": med["prune"] / med["plain"],
+        "prune_over_plain": med["prune"] / med["plain"] if not args.only else None,
     }
+    if args.distill_weight > 0:
+        result["distill_weight"] = args.distill_weight
+        kinds = (args.only,) if args.only else ("plain", "prune")
+        result["distill_over_plain"] = {k: med[f"{k}+distill"] / med[k] for k in kinds}
     print(f"device {name}, {torch.get_num_threads()} threads; torch {torch.__version__}, "
           f"transformers {transformers.__version__}")  # fmt: skip
     print(f"SmolLM2-135M shape, {args.layers} layers, batch {args.batch} x {args.seq} tokens, fp32 "
@@ -124,7 +141,10 @@ def markdown(result: dict) -> str:
     for k, s in result["steps"].items():
         mfu = f"{100 * s['mfu']:.1f} %" if s["mfu"] is not None else "-"
         lines.append(f"| {k} | {s['median_ms']:.1f} | {s['tokens_per_s']:.0f} | {mfu} |")
-    lines.append(f"\nprune / plain = {result['prune_over_plain']:.3f}")
+    if result["prune_over_plain"] is not None:
+        lines.append(f"\nprune / plain = {result['prune_over_plain']:.3f}")
+    for k, v in result.get("distill_over_plain", {}).items():
+        lines.append(f"{k} step with distillation (A = {result['distill_weight']}) / without = {v:.3f}")
     return "\n".join(lines)
 
 

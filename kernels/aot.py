@@ -72,6 +72,7 @@ class ModelShape:
         hidden: d; heads: H query heads; kv_heads: G; head_dim: D; intermediate: I.
         layers: decoder layers (sizes the mask-sampling launch).
         batch, seq_len: tokens per step = batch * seq_len.
+        vocab: vocabulary size (the LM head and the distillation loss).
     """
 
     name: str
@@ -83,6 +84,7 @@ class ModelShape:
     layers: int
     batch: int
     seq_len: int
+    vocab: int = 32000
 
     @property
     def tokens(self) -> int:
@@ -91,7 +93,7 @@ class ModelShape:
 
 SHAPES = {
     "llama7b": ModelShape("llama7b", 4096, 32, 32, 128, 11008, 32, batch=2, seq_len=4096),
-    "smollm2": ModelShape("smollm2", 576, 9, 3, 64, 1536, 30, batch=4, seq_len=2048),
+    "smollm2": ModelShape("smollm2", 576, 9, 3, 64, 1536, 30, batch=4, seq_len=2048, vocab=49152),
 }
 
 
@@ -175,6 +177,22 @@ def _hard_concrete(s: ModelShape, dtype: torch.dtype) -> None:
     _backward(hc.shear_soft_mask(la))
 
 
+def _linear_kl(s: ModelShape, dtype: torch.dtype) -> None:
+    """The distillation loss from the final hidden states (teacher of the same size): KL with
+    a cross-entropy term, KL alone, and cross-entropy alone without a teacher."""
+    from shear.kernels.linear_kl import shear_linear_kl
+
+    h_s, w_s = _meta(s.tokens, s.hidden, dtype=dtype), _meta(s.vocab, s.hidden, dtype=dtype)
+    h_t, w_t = (
+        _meta(s.tokens, s.hidden, dtype=dtype, grad=False),
+        _meta(s.vocab, s.hidden, dtype=dtype, grad=False),
+    )
+    labels = torch.empty(s.tokens, device="meta", dtype=torch.long)
+    for kl_weight in (0.5, 1.0):
+        _backward(shear_linear_kl(h_s, w_s, h_t, w_t, labels, 2.0, kl_weight))
+    _backward(shear_linear_kl(h_s, w_s, None, None, labels, 1.0, 0.0))
+
+
 #: Op name -> a function running it forward and backward on meta tensors (module docstring).
 OPS: dict[str, Callable[[ModelShape, torch.dtype], None]] = {
     "masked_linear": _masked_linear,
@@ -182,6 +200,7 @@ OPS: dict[str, Callable[[ModelShape, torch.dtype], None]] = {
     "masked_attention": _masked_attention,
     "masked_rms_norm": _masked_rms_norm,
     "hard_concrete": _hard_concrete,
+    "linear_kl": _linear_kl,
 }
 
 

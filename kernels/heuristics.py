@@ -92,6 +92,18 @@ def row_config(n_cols: int) -> tuple[int, int]:
     return block, warps
 
 
+def vocab_config(vocab: int) -> tuple[int, int]:
+    """(block, num_warps) of the row kernel that walks a row of logits a block at a time (linear KL).
+
+    The interpreter: 32-wide blocks, so that small test vocabularies span several blocks and
+    end in a partial one. GPU: 4096 logits per block over 8 warps (16 per thread for each of
+    the student's and teacher's blocks: no spills on sm_80 / sm_90, benchmarks/RESULTS.md).
+    """
+    if interpreter_active():
+        return 32, 4
+    return pow2_block(vocab, 4096), 8
+
+
 def num_programs(n_rows: int, device: torch.device) -> int:
     """Programs of a row-reduction kernel (one partial row each): one per SM."""
     if device.type == "cuda":

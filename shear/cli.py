@@ -221,6 +221,11 @@ _OPTION_HELP = {
     "stop_after": "stop (with a checkpoint) after this many steps; continue later with --resume",
     "dynamic_interval": "steps between domain-weight updates",
     "dynamic_rule": "paper (Algorithm 1) or reference (the original code's unclamped, smoothed variant)",
+    "distill_weight": "A in [0, 1]: the objective's LM term becomes (1 - A) * LM + A * T^2 * KL to the "
+    "teacher's next-token distribution (0: LM loss only)",
+    "distill_temperature": "softmax temperature T of the distillation KL",
+    "teacher": "the teacher for --distill-weight (prune default: a frozen copy of --model; train "
+    "default: the source recorded in the pruned export)",
     "dynamic_eta": "step size on the loss gaps of each domain-weight update (the paper: 1)",
     "min_domain_weight": "least weight of any domain after an update (0: none)",
     "reference_model": "with dynamic loading and no --reference-losses: use this model's measured "

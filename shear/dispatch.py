@@ -18,6 +18,7 @@ import os
 import torch
 
 from shear import ops
+from shear.ops.linear_kl import IGNORE_INDEX
 
 ENV = "SHEAR_KERNELS"
 _CHOICES = ("auto", "triton", "reference")
@@ -64,6 +65,31 @@ def masked_swiglu_mlp(
 
         return shear_masked_swiglu_mlp(x, gate_weight, up_weight, down_weight, m_int, m_out, **biases)
     return ops.masked_swiglu_mlp(x, gate_weight, up_weight, down_weight, m_int, m_out, **biases)
+
+
+def linear_kl(
+    student_hidden,
+    student_weight,
+    teacher_hidden,
+    teacher_weight,
+    labels,
+    temperature: float = 1.0,
+    kl_weight: float = 1.0,
+    ignore_index: int = IGNORE_INDEX,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """:func:`shear.ops.linear_kl` on the chosen backend."""
+    if use_triton(student_hidden):
+        from shear.kernels.linear_kl import shear_linear_kl
+
+        return shear_linear_kl(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, labels, temperature,
+            kl_weight, ignore_index, chunk_size,
+        )  # fmt: skip
+    return ops.linear_kl(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, labels, temperature,
+        kl_weight, ignore_index, chunk_size,
+    )  # fmt: skip
 
 
 def hard_concrete_sample_all(

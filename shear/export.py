@@ -751,6 +751,7 @@ def export_pruned(
     overwrite: bool = False,
     backend: str | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    source_model: str | None = None,
 ) -> Path:
     """Finalize the masks and write a Hugging Face folder of the target architecture.
 
@@ -770,6 +771,9 @@ def export_pruned(
             ``"torch"``; see the module docstring. The choice is printed on stderr and
             recorded in ``shear_export.json``.
         max_shard_size: above this the weights are split into shards with an index file.
+        source_model: where the source was loaded from (a folder, made absolute, or
+            ``default``); recorded as ``source_model`` in ``shear_export.json``, the default
+            teacher of ``shear train --distill-weight``.
 
     Returns:
         The output folder.
@@ -807,6 +811,7 @@ def export_pruned(
             tokenizer.save_pretrained(tmp)
         record = {
             "source": masks.source.summary(),
+            "source_model": _absolute(source_model),
             "target": arch.summary(),
             "backend": chosen.name,
             "backend_detail": chosen.detail,
@@ -814,3 +819,10 @@ def export_pruned(
         }
         (tmp / "shear_export.json").write_text(json.dumps(record, indent=2) + "\n")
     return out
+
+
+def _absolute(model: str | None) -> str | None:
+    """A model folder as an absolute path (``default`` and None as they are)."""
+    if model is None or model == "default" or not Path(model).expanduser().exists():
+        return model
+    return str(Path(model).expanduser().resolve())

@@ -1,9 +1,10 @@
 """The pruning driver: learn masks to a target under the Lagrangian, then export.
 
 One optimiser step (method.md): for each of ``grad_accum`` micro-batches, a fresh mask
-sample, LM loss plus the Lagrangian, backward; then gradient clipping (weights and
-log_alpha), AdamW over the three groups (lambdas by ascent), the cosine schedule with
-warm-up, and the log_alpha clamp. The loop, evaluation, dynamic batch loading (every 50
+sample, LM loss (or with ``--distill-weight`` the distillation loss from a frozen copy of
+the source, :mod:`shear.distill`) plus the Lagrangian, backward; then gradient clipping
+(weights and log_alpha), AdamW over the three groups (lambdas by ascent), the cosine
+schedule with warm-up, and the log_alpha clamp. The loop, evaluation, dynamic batch loading (every 50
 steps by default, as in the paper), checkpoints and resume are the shared trainer's
 (:mod:`shear.trainer`). At the end the masks are finalized and the model exported;
 ``report.md`` and plots summarise the run.
@@ -34,6 +35,7 @@ from shear.arch import Arch
 from shear.checkpoint import write_text_atomic
 from shear.data import build_corpus
 from shear.data.corpus import Corpus
+from shear.distill import build_distiller, lm_loss
 from shear.errors import ShearError
 from shear.export import DEFAULT_MAX_SHARD_SIZE
 from shear.importance import (
@@ -108,6 +110,9 @@ class PruningObjective(nn.Module):
             (:meth:`HardConcreteMasks.freeze`) and the Lagrangian no longer acts; None: never.
     """
 
+    #: set by run_prune with --distill-weight > 0 (a plain object: the teacher is no submodule)
+    distiller = None
+
     def __init__(
         self,
         model: nn.Module,
@@ -122,7 +127,7 @@ class PruningObjective(nn.Module):
     def forward(self, input_ids: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.freeze_step is not None and step >= self.freeze_step and self.masks.frozen is None:
             self.masks.freeze()  # every rank: the same log_alpha, the same deterministic masks
-        lm = self.model(input_ids, labels=input_ids, use_cache=False).loss
+        lm = lm_loss(self.model, input_ids, self.distiller)
         lag, _ = self.lagrangian(self.masks.expected_sparsity(), step)
         if self.masks.frozen is not None:
             lag = lag * 0.0  # zero gradients, not none: DDP's reduction still sees every parameter
@@ -137,6 +142,7 @@ class PruneTask:
 
     def __init__(self, cfg: PruneConfig, model: nn.Module, masks: HardConcreteMasks, gen: torch.Generator):
         self.model, self.masks, self.gen = model, masks, gen
+        self.source_model = cfg.model  # recorded in the export: `shear train` distils from it
         if cfg.init == "importance":  # decided from the start: hold them there, no ramp
             start = final = decided_sparsity(masks)
         else:  # the paper's: ramp from where the initialisation puts the masks (~0) to 1 - k / n
@@ -211,7 +217,7 @@ class PruneTask:
         self.model.eval()
         return export_pruned(
             self.model, self.masks, out, tokenizer=tokenizer, overwrite=True, backend=backend,
-            max_shard_size=max_shard_size,
+            max_shard_size=max_shard_size, source_model=self.source_model,
         )  # fmt: skip
 
 
@@ -246,6 +252,8 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
     # the source's losses, measured before the masks go in: the report's baseline and the
     # documented fallback reference for dynamic batch loading
     source_eval = None if cfg.resume else ctx.evaluate(model, corpus)
+    # the teacher: a copy of the source as loaded, before masks or a checkpoint touch it
+    distiller = build_distiller(cfg, ctx, model, copy_student=True) if cfg.steps else None
     calibration, scores = None, None
     if cfg.init == "importance" and not cfg.resume:  # a resume restores log_alpha instead
         calibration = calibration_rows(corpus, cfg.calibration_sequences, cfg.seed)
@@ -255,6 +263,7 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
         if ctx.main:
             write_text_atomic(ctx.out / "calibration.json", json.dumps(calibration) + "\n")
     task = build_task(cfg, model, source, target, ctx.device, scores)
+    task.objective.distiller = distiller
     if cfg.steps == 0:
         # one-shot: the importance choice at unit scale, exactly what the masks start from
         with task.masks.fixed(keep_indicators(task.masks)):

@@ -4,7 +4,9 @@ The same trainer as pruning (:mod:`shear.trainer`): checkpoints and exact resume
 log, torchrun, per-domain evaluation, and domain weights that follow each domain's loss
 gap to its reference loss, every 400 steps by default (the paper's interval for this
 stage); ``--fixed`` keeps the initial proportions as the baseline. The objective is the
-plain LM loss; AdamW with the reference betas (0.9, 0.95).
+plain LM loss, or with ``--distill-weight`` the distillation loss (:mod:`shear.distill`;
+the teacher: ``--teacher``, else the source the pruned model's export records); AdamW with
+the reference betas (0.9, 0.95).
 
 Run directory::
 
@@ -30,20 +32,25 @@ from torch import nn
 
 from shear.checkpoint import save_model_atomic, write_text_atomic
 from shear.data import build_corpus
+from shear.distill import build_distiller, lm_loss
 from shear.errors import ShearError
 from shear.runfolder import hold_run_lock
 from shear.trainer import TrainConfig, evaluate_folder, export_at_end, finish, run_loop, start_run
 
 
 class LMObjective(nn.Module):
-    """The causal LM loss (and a zero second term, as the trainer expects a pair)."""
+    """The causal LM loss, or the distillation loss (and a zero second term, as the trainer
+    expects a pair)."""
+
+    #: set by run_train with --distill-weight > 0 (a plain object: the teacher is no submodule)
+    distiller = None
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        lm = self.model(input_ids, labels=input_ids, use_cache=False).loss
+        lm = lm_loss(self.model, input_ids, self.distiller)
         return lm, lm.new_zeros(())
 
 
@@ -116,6 +123,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     )
     initial_eval = None if cfg.resume else ctx.evaluate(model, corpus)
     task = TrainTask(cfg, model)
+    task.objective.distiller = build_distiller(cfg, ctx, model, copy_student=False)
     loop, extra = run_loop(ctx, task, corpus, None, {"initial_eval": initial_eval})
     initial_eval = extra["initial_eval"]
     if ctx.main and loop.reference is not None:

@@ -88,6 +88,9 @@ class TrainConfig:
     min_domain_weight: float = 0.05
     reference_losses: dict[str, float] | None = None
     reference_model: str | None = None
+    distill_weight: float = 0.0
+    distill_temperature: float = 1.0
+    teacher: str | None = None
     export: bool = True
     resume: bool = False
     stop_after: int | None = None
@@ -111,7 +114,12 @@ class TrainConfig:
 
     def input_paths(self) -> dict[str, str | None]:
         """``{option: path}`` of everything the run reads; it never writes into any of them."""
-        return {"--model": self.model, "--data": self.data, "--reference-model": self.reference_model}
+        return {
+            "--model": self.model,
+            "--data": self.data,
+            "--reference-model": self.reference_model,
+            "--teacher": self.teacher,
+        }
 
     def check(self) -> None:
         """Raise ShearError for option values that cannot work."""
@@ -139,6 +147,10 @@ class TrainConfig:
             raise ShearError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ShearError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if not 0 <= self.distill_weight <= 1:  # NaN fails too
+            raise ShearError(f"distill_weight must be in [0, 1], got {self.distill_weight}")
+        if not (math.isfinite(self.distill_temperature) and self.distill_temperature > 0):
+            raise ShearError(f"distill_temperature must be finite and > 0, got {self.distill_temperature}")
         if self.strategy not in STRATEGIES:
             raise ShearError(f"strategy must be {', '.join(STRATEGIES)}, got {self.strategy!r}")
         if not (math.isfinite(self.dynamic_eta) and self.dynamic_eta >= 0):
@@ -200,6 +212,11 @@ class RunContext:
         """A progress line on stderr (rank 0 only)."""
         if self.main:
             print(f"shear: {message}", file=sys.stderr, flush=True)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """bfloat16 where the run autocasts (GPU, or when asked), else float32."""
+        return torch.bfloat16 if bf16_compute(self.cfg.precision, self.device) else torch.float32
 
     def autocast(self) -> Any:
         """bf16 autocast on GPU (or when asked), else nothing."""

@@ -24,7 +24,7 @@ def test_dry_run_runs_every_step_and_writes_the_report(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     steps = {s["name"]: s for s in report["steps"]}
-    assert list(steps) == ["install", "kernel_tests", "layer_targets", "prune_step"]
+    assert list(steps) == ["install", "kernel_tests", "layer_targets", "prune_step", "linear_kl"]
     assert steps["install"]["status"] in ("ok", "skipped")
     tests = steps["kernel_tests"]
     assert tests["status"] == "ok" and tests["result"]["passed"] == tests["result"]["collected"] >= 2
@@ -33,8 +33,11 @@ def test_dry_run_runs_every_step_and_writes_the_report(tmp_path):
     assert any("not measured (no GPU)" in t for t in layer["targets"])
     prune = steps["prune_step"]["result"]["steps"]
     assert prune["plain"]["tokens_per_s"] > 0 and prune["prune"]["tokens_per_s"] > 0
+    assert prune["prune+distill"]["tokens_per_s"] > 0
+    kl = steps["linear_kl"]["result"]
+    assert kl["providers"]["fused"]["median_ms"] > 0 and kl["loss_rel_diff"] < 1e-4
     md = (tmp_path / "gpu_check.md").read_text()
-    for part in ("## GPU check (dry run", "| kernel_tests | ok |", "Targets:", "| prune |"):
+    for part in ("## GPU check (dry run", "| kernel_tests | ok |", "Targets:", "| prune |", "| fused |"):
         assert part in md
     assert (tmp_path / "logs" / "prune_step.log").exists()
 

@@ -53,6 +53,27 @@ def test_resume_continues_exactly(tiny_source, data_dir, tmp_path):
     assert a["sampler"]["cursor"] == b["sampler"]["cursor"]
 
 
+def test_resume_with_distillation_continues_exactly(tiny_source, data_dir, tmp_path, capfd):
+    from shear.loading import load_source
+
+    kw = dict(distill_weight=0.5, distill_temperature=2.0)
+    run_prune(_cfg(tiny_source, data_dir, tmp_path / "straight", **kw))
+    assert "distillation: teacher" in capfd.readouterr().err  # its size is reported at start
+    run_prune(_cfg(tiny_source, data_dir, tmp_path / "split", stop_after=3, **kw))
+    run_prune(_cfg(tiny_source, data_dir, tmp_path / "split", resume=True, **kw))
+    straight, split = _losses(tmp_path / "straight"), _losses(tmp_path / "split")
+    assert len(straight[0]) == 6 and straight[0] == split[0]  # the teacher draws no random numbers
+    assert straight[1] == split[1]
+    a, b = load(tmp_path / "straight" / "checkpoint.pt"), load(tmp_path / "split" / "checkpoint.pt")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    # the teacher is not in the checkpoint: the model part holds the student's tensors only
+    student, _ = load_source(tiny_source)
+    assert set(a["model"]) == set(student.state_dict())
+    with pytest.raises(ShearError, match="distill_weight"):
+        run_prune(dataclasses.replace(_cfg(tiny_source, data_dir, tmp_path / "bad"), distill_weight=1.5))
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_source, data_dir, tmp_path, monkeypatch):
     forward = PruningObjective.forward
 
@@ -125,10 +146,12 @@ _DDP_SCRIPT = textwrap.dedent(
 )
 
 
-def test_two_gloo_processes_match_one(tiny_source, data_dir, tmp_path):
-    # dynamic loading on: rank 0 computes the domain weights, every rank must receive them
+@pytest.mark.parametrize("distill_weight", [0.0, 0.5])
+def test_two_gloo_processes_match_one(tiny_source, data_dir, tmp_path, distill_weight):
+    # dynamic loading on: rank 0 computes the domain weights, every rank must receive them;
+    # with distillation each rank runs its teacher on its own slice of the batch
     cfg = _cfg(tiny_source, data_dir, tmp_path / "one", steps=3, checkpoint_interval=3, eval_interval=3,
-               dynamic=True, dynamic_interval=1,
+               dynamic=True, dynamic_interval=1, distill_weight=distill_weight, distill_temperature=2.0,
                reference_losses={"code": 0.0, "licenses": 100.0, "changelogs": 100.0})  # fmt: skip
     run_prune(cfg)
     two = dict(cfg.__dict__, out=str(tmp_path / "two"))
@@ -136,7 +159,8 @@ def test_two_gloo_processes_match_one(tiny_source, data_dir, tmp_path):
     script.write_text(_DDP_SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+         str(29517 + int(distill_weight > 0)),
          str(script), json.dumps(two)],
         check=True, env=env, capture_output=True, timeout=300,
     )  # fmt: skip

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from shear.ops import masked_linear, masked_rms_norm
+from shear.ops import linear_kl, linear_kl_eager, masked_linear, masked_rms_norm
 
 
 def _rand(*shape, g, dtype=torch.float64):
@@ -88,3 +89,34 @@ def test_masked_rms_norm_gradients_and_plain_case():
         norm.weight.copy_(w)
     x32 = x.float()
     torch.testing.assert_close(masked_rms_norm(x32, norm.weight, None, 1e-6), norm(x32), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5, None])
+@pytest.mark.parametrize("kl_weight,temperature", [(0.0, 1.0), (1.0, 2.0), (0.4, 0.6)])
+def test_linear_kl_chunked_matches_the_formula(chunk, kl_weight, temperature):
+    n, d_s, d_t, vocab = 5, 4, 7, 11
+    g = torch.Generator().manual_seed(n * (chunk or 9))
+    h_s, w_s = _rand(n, d_s, g=g), _rand(vocab, d_s, g=g)
+    h_t, w_t = _rand(n, d_t, g=g), _rand(vocab, d_t, g=g)
+    labels = torch.randint(0, vocab, (n,), generator=g)
+    labels[2] = -100
+    # independent formula: explicit softmaxes, mean over the kept tokens
+    s, t = h_s @ w_s.T, h_t @ w_t.T
+    keep = labels != -100
+    ce = s.logsumexp(-1) - s.gather(1, labels.clamp_min(0)[:, None])[:, 0]
+    q = torch.softmax(s / temperature, -1)
+    p = torch.softmax(t / temperature, -1)
+    kl = (p * (p.log() - q.log())).sum(-1)
+    expect = ((1 - kl_weight) * ce + kl_weight * temperature**2 * kl)[keep].mean()
+    for fn, kw in ((linear_kl, dict(chunk_size=chunk)), (linear_kl_eager, {})):
+        hs, ws = h_s.clone().requires_grad_(True), w_s.clone().requires_grad_(True)
+        loss = fn(hs, ws, h_t, w_t, labels, temperature, kl_weight, **kw)
+        torch.testing.assert_close(loss, expect, rtol=1e-12, atol=1e-12)
+        loss.backward()
+        # dloss/ds = (1 - a) (softmax(s) - onehot) + a T (q - p), per kept token / count
+        gs = (1 - kl_weight) * (torch.softmax(s, -1) - F.one_hot(labels.clamp_min(0), vocab)) + (
+            kl_weight * temperature * (q - p)
+        )
+        gs = gs * keep[:, None] / keep.sum()
+        torch.testing.assert_close(hs.grad, gs @ w_s, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(ws.grad, gs.T @ h_s, rtol=1e-10, atol=1e-12)

@@ -92,6 +92,33 @@ def test_resume_with_workers_reproduces_the_same_batches(tiny_source, data_dir, 
     assert sa["sampler"]["cursor"] == sb["sampler"]["cursor"]
 
 
+def test_distillation_from_the_recorded_source_resumes_exactly(tiny_source, data_dir, tmp_path):
+    from shear.prune import PruneConfig, run_prune
+
+    prune = PruneConfig(model=tiny_source, target="layers=2,hidden=48,heads=2,kv_heads=1,intermediate=64",
+                        data=data_dir, out=str(tmp_path / "prune"), steps=2, batch_size=2, seq_len=32,
+                        dynamic=False)  # fmt: skip
+    pruned = run_prune(prune)["export"]
+    assert json.loads((tmp_path / "prune" / "export" / "shear_export.json").read_text())["source_model"] == (
+        str(os.path.realpath(tiny_source))
+    )
+    kw = dict(fixed_kw := dict(dynamic=False, export=False), distill_weight=0.7, distill_temperature=1.5)
+    run_train(_cfg(pruned, data_dir, tmp_path / "straight", **kw))
+    run_train(_cfg(pruned, data_dir, tmp_path / "split", stop_after=3, **kw))
+    run_train(_cfg(pruned, data_dir, tmp_path / "split", resume=True, **kw))
+    plain = _cfg(pruned, data_dir, tmp_path / "plain", **fixed_kw)
+    run_train(plain)
+    losses = {
+        r: [x["loss"] for x in _log(tmp_path / r) if "loss" in x] for r in ("straight", "split", "plain")
+    }
+    assert len(losses["straight"]) == 6 and losses["straight"] == losses["split"]
+    assert losses["straight"] != losses["plain"]  # the teacher changes the objective
+    with pytest.raises(ShearError, match="needs a teacher"):  # no record, no --teacher
+        run_train(
+            dataclasses.replace(plain, model=tiny_source, out=str(tmp_path / "none"), distill_weight=0.5)
+        )
+
+
 def test_dynamic_needs_complete_reference_losses(tiny_source, data_dir, tmp_path):
     with pytest.raises(ShearError, match="needs reference losses"):
         run_train(_cfg(tiny_source, data_dir, tmp_path / "a"))

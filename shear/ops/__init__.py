@@ -9,6 +9,7 @@ from shear.ops.hard_concrete import (
     soft_mask,
     uniform_noise,
 )
+from shear.ops.linear_kl import linear_kl, linear_kl_eager
 from shear.ops.masked_linear import masked_linear
 from shear.ops.masked_mlp import masked_swiglu_mlp
 from shear.ops.masked_rms_norm import masked_rms_norm
@@ -19,6 +20,8 @@ __all__ = [
     "hard_concrete_sample",
     "keep_probability",
     "keep_topk",
+    "linear_kl",
+    "linear_kl_eager",
     "masked_linear",
     "masked_rms_norm",
     "masked_swiglu_mlp",
