@@ -124,7 +124,7 @@ def test_every_row_ends_within_5_percent_of_its_target(tiny_source, data_dir, tm
     # rows of 3+ units: in a 1-of-2 row the clamp's floor alone (keep probability 0.047 for
     # the dropped unit) is 4.7% of the target
     target = "layers=2,hidden=48,heads=4,kv_heads=2,intermediate=96"
-    _run(tiny_source, data_dir, tmp_path / "run", steps=60, target=target, export=False)
+    _run(tiny_source, data_dir, tmp_path / "run", steps=60, target=target, lr_masks=0.05, export=False)
     last = [json.loads(x) for x in open(tmp_path / "run" / "log.jsonl") if '"expected"' in x][-1]
     for name, target in last["final_target"].items():
         for bound in ("expected_min", "expected_max"):
