@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -107,8 +108,10 @@ class LinearKLFunction(torch.autograd.Function):
         rows: RowsFn,
     ) -> torch.Tensor:
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        # the inputs arrive in the dtype to compute in (linear_kl casts them under autocast)
-        with torch.autocast(h_s.device.type, enabled=False):
+        # the inputs arrive in the dtype to compute in (linear_kl casts them under autocast);
+        # meta tensors (the ahead-of-time compile) have no autocast to turn off
+        off = torch.autocast(h_s.device.type, enabled=False) if h_s.device.type != "meta" else nullcontext()
+        with off:
             loss, dh, dw = chunked_linear_kl(
                 rows, h_s, w_s, h_t, w_t, labels, temperature, kl_weight, ignore_index, chunk, need_grad
             )
