@@ -171,8 +171,8 @@ def test_two_gloo_processes_match_one(tiny_source, data_dir, tmp_path, distill_w
     a, b = load(tmp_path / "one" / "checkpoint.pt"), load(tmp_path / "two" / "checkpoint.pt")
     for k in a["task"]["masks"]:
         torch.testing.assert_close(a["task"]["masks"][k], b["task"]["masks"][k], rtol=1e-5, atol=1e-6)
-    for k in a["model"]:
-        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5)
+    for k in a["model"]:  # Adam magnifies the reduction order in a few elements of 3M (seen: 2.6e-5)
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-4)
     assert a["sampler"]["weights"] == pytest.approx(b["sampler"]["weights"])
     assert a["sampler"]["weights"] != pytest.approx({d: 1 / 3 for d in a["sampler"]["weights"]})
 
