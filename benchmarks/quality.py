@@ -17,6 +17,9 @@ tokens in all). Variants:
 ``importance-fixed``
     as ``importance``, but continued pre-training with fixed (equal) domain weights: does
     dynamic loading beat fixed on the worst domain's gap?
+``one-shot+distill``, ``importance+distill``
+    as ``one-shot`` (final column only) and ``importance``, every stage with distillation
+    from the source (``--distill-weight 0.5``).
 
 Budgets are the CPU demo's (``shear demo``); ``--scale 4`` multiplies both stages' steps.
 Each run lives in its own folder under ``--out`` and is skipped when already complete, so
@@ -40,7 +43,9 @@ from shear.runfolder import LOG_FILE, RunLog
 from shear.train import run_train
 from shear.trainer import TrainConfig
 
-VARIANTS = ("one-shot", "paper", "importance", "importance-fixed")
+VARIANTS = ("one-shot", "paper", "importance", "importance-fixed", "one-shot+distill", "importance+distill")
+#: Distillation from the source in both stages: half LM loss, half KL.
+DISTILL = dict(distill_weight=0.5)
 #: The paper's dynamic batch loading: step 1 on the loss gap, no floor.
 PAPER_DYNAMIC = dict(dynamic_eta=1.0, min_domain_weight=0.0)
 #: The paper's pruning: uniform initialisation, masks learned to the last step.
@@ -122,7 +127,17 @@ def run_quality(
             final = _train(out / name / f"train-{P + T}", export, train_common, steps=P + T)
             results["variants"][name] = {"pruned": pruned, "final": final, "masks": None}
             continue
-        if name == "paper":
+        if name == "one-shot+distill":  # the final column only: the costliest run of all
+            export = out / "one-shot" / "prune" / "export"
+            final = _train(out / name / f"train-{P + T}", export, train_common, steps=P + T, teacher=model,
+                           **DISTILL)  # fmt: skip
+            results["variants"][name] = {"pruned": None, "final": final, "masks": None}
+            continue
+        if name == "importance+distill":
+            r = _prune(out / name / "prune", prune_common, **DISTILL)
+            export = out / name / "prune" / "export"
+            final = _train(out / name / "train", export, train_common, teacher=model, **DISTILL)
+        elif name == "paper":
             r = _prune(out / name / "prune", prune_common, **PAPER_PRUNING)
             export = out / name / "prune" / "export"
             final = _train(out / name / "train", export, train_common, **PAPER_DYNAMIC)
@@ -157,9 +172,10 @@ def format_results(results: dict[str, Any]) -> str:
             "|---|---|" + "---|" * len(names),
         ]
         for d in domains:
-            row = [math.exp(results["variants"][n][stage][d]) for n in names]
-            best = min(row)
-            cells = [f"**{v:.2f}**" if v == best else f"{v:.2f}" for v in row]
+            row = [results["variants"][n][stage] for n in names]
+            row = [math.exp(v[d]) if v else None for v in row]
+            best = min(v for v in row if v is not None)
+            cells = ["-" if v is None else f"**{v:.2f}**" if v == best else f"{v:.2f}" for v in row]
             lines.append(f"| {d} | {math.exp(source[d]):.2f} | " + " | ".join(cells) + " |")
     gaps = {
         n: max(results["variants"][n]["final"][d] - source[d] for d in domains)

@@ -29,8 +29,14 @@ def test_quality_benchmark_runs_every_variant(tiny_source, data_dir, tmp_path):
     assert set(r["variants"]) == set(quality.VARIANTS)
     domains = list(r["source"])
     for name, v in r["variants"].items():
-        assert list(v["pruned"]) == domains and list(v["final"]) == domains, name
-        assert (v["masks"] is None) == (name == "one-shot")
+        assert list(v["final"]) == domains, name
+        if name == "one-shot+distill":  # the final column only
+            assert v["pruned"] is None
+        else:
+            assert list(v["pruned"]) == domains, name
+        assert (v["masks"] is None) == name.startswith("one-shot")
+    distilled = json.loads((tmp_path / "q" / "importance+distill" / "train" / "config.json").read_text())
+    assert distilled["distill_weight"] == 0.5 and distilled["teacher"] == tiny_source
     # equal tokens: the one-shot baseline trains for both stages' steps
     cfg = json.loads((tmp_path / "q" / "one-shot" / "train-8" / "config.json").read_text())
     assert cfg["steps"] == 8
