@@ -330,32 +330,27 @@ def step_layer_targets(out: Path, p: Plan, budget: float) -> Step:
     return step
 
 
-def step_prune(out: Path, p: Plan, budget: float) -> Step:
-    step = Step("prune_step")
-    dest = out / "prune_step.json"
-    cmd = [sys.executable, str(BENCH / "report_prune_step.py"), *p.prune_args, "--json", str(dest)]
-    log = out / "logs" / "prune_step.log"
-    step.status, step.seconds = _run(cmd, log, min(p.timeouts["prune_step"], budget))
+def _report_step(name: str, script: str, args: list[str], out: Path, p: Plan, budget: float) -> Step:
+    """Run a report script that writes ``out/NAME.json``; a missing file fails the step."""
+    step = Step(name)
+    dest = out / f"{name}.json"
+    cmd = [sys.executable, str(BENCH / script), *args, "--json", str(dest)]
+    log = out / "logs" / f"{name}.log"
+    step.status, step.seconds = _run(cmd, log, min(p.timeouts[name], budget))
     if dest.exists():
         step.result = json.loads(dest.read_text())
     elif step.status == "ok":
         step.status = "failed"
     step.detail = _tail(log, 3) if step.status != "ok" else ""
     return step
+
+
+def step_prune(out: Path, p: Plan, budget: float) -> Step:
+    return _report_step("prune_step", "report_prune_step.py", p.prune_args, out, p, budget)
 
 
 def step_linear_kl(out: Path, p: Plan, budget: float) -> Step:
-    step = Step("linear_kl")
-    dest = out / "linear_kl.json"
-    cmd = [sys.executable, str(BENCH / "report_linear_kl.py"), *p.linear_kl_args, "--json", str(dest)]
-    log = out / "logs" / "linear_kl.log"
-    step.status, step.seconds = _run(cmd, log, min(p.timeouts["linear_kl"], budget))
-    if dest.exists():
-        step.result = json.loads(dest.read_text())
-    elif step.status == "ok":
-        step.status = "failed"
-    step.detail = _tail(log, 3) if step.status != "ok" else ""
-    return step
+    return _report_step("linear_kl", "report_linear_kl.py", p.linear_kl_args, out, p, budget)
 
 
 # --- report -----------------------------------------------------------------------------------
