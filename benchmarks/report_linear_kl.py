@@ -35,6 +35,7 @@ import transformers
 import triton
 
 from shear import dispatch
+from shear.checkpoint import write_text_atomic
 from shear.ops import linear_kl_eager
 
 PROVIDERS = ("fused", "eager")
@@ -198,9 +199,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     print(markdown(result))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        os.replace(tmp, args.json)
+        write_text_atomic(args.json, json.dumps(result, indent=1))
     return result
 
 

@@ -30,6 +30,8 @@ import transformers
 sys.path.insert(0, str(Path(__file__).parent))
 from prune_step import SMOLLM2, batch, build  # noqa: E402
 
+from shear.checkpoint import write_text_atomic
+
 #: Dense bf16 tensor-core peak (TFLOP/s, no sparsity) by device name, for MFU.
 PEAK_BF16_TFLOPS = {
     "H200": 989.4,
@@ -129,9 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(markdown(result))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        os.replace(tmp, args.json)
+        write_text_atomic(args.json, json.dumps(result, indent=1))
     return result
 
 
