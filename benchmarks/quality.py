@@ -13,7 +13,14 @@ tokens in all). Variants:
     loss, the paper's dynamic loading (eta 1, no floor); then T steps of ``shear train``
     with the same rule.
 ``importance``
-    shear's defaults: masks initialised from importance, then T steps of ``shear train``.
+    shear's CPU demo defaults: masks initialised from importance and frozen from the first
+    step (``--freeze-masks 1``), then T steps of ``shear train``.
+``joint``
+    masks initialised from importance and learned jointly with the weights for the first
+    half of the pruning stage (``--freeze-masks 0.5``, log_alpha at 0.3), frozen after.
+``search``
+    40 steps of mask search on the calibration sequences, weights frozen
+    (``--search-steps 40``, log_alpha at 0.1), then as ``importance`` from the searched choice.
 ``importance-fixed``
     as ``importance``, but continued pre-training with fixed (equal) domain weights: does
     dynamic loading beat fixed on the worst domain's gap?
@@ -43,13 +50,18 @@ from shear.runfolder import LOG_FILE, RunLog
 from shear.train import run_train
 from shear.trainer import TrainConfig
 
-VARIANTS = ("one-shot", "paper", "importance", "importance-fixed", "one-shot+distill", "importance+distill")
+VARIANTS = (
+    "one-shot", "paper", "importance", "joint", "search", "importance-fixed", "one-shot+distill",
+    "importance+distill",
+)  # fmt: skip
 #: Distillation from the source in both stages: half LM loss, half KL.
 DISTILL = dict(distill_weight=0.5)
 #: The paper's dynamic batch loading: step 1 on the loss gap, no floor.
 PAPER_DYNAMIC = dict(dynamic_eta=1.0, min_domain_weight=0.0)
 #: The paper's pruning: uniform initialisation, masks learned to the last step.
-PAPER_PRUNING = dict(init="uniform", freeze_masks=0.0, **PAPER_DYNAMIC)
+PAPER_PRUNING = dict(init="uniform", freeze_masks=0.0, search_steps=0, **PAPER_DYNAMIC)
+#: Other ways of learning the masks from the importance choice (see the module docstring).
+MASK_LEARNING = {"joint": dict(freeze_masks=0.5, lr_masks=0.3), "search": dict(search_steps=40, lr_masks=0.1)}
 
 
 def _prune(out: Path, common: dict[str, Any], **kw: Any) -> dict[str, Any]:
@@ -117,7 +129,7 @@ def run_quality(
     train_common = {**base, **budget["train"]}
     results: dict[str, Any] = {"variants": {}}
 
-    one_shot = _prune(out / "one-shot" / "prune", prune_common, steps=0)
+    one_shot = _prune(out / "one-shot" / "prune", prune_common, steps=0, search_steps=0)
     results["source"] = one_shot["source"]
     train_common["reference_losses"] = one_shot["source"]
     for name in variants:
@@ -141,6 +153,9 @@ def run_quality(
             r = _prune(out / name / "prune", prune_common, **PAPER_PRUNING)
             export = out / name / "prune" / "export"
             final = _train(out / name / "train", export, train_common, **PAPER_DYNAMIC)
+        elif name in MASK_LEARNING:
+            r = _prune(out / name / "prune", prune_common, **MASK_LEARNING[name])
+            final = _train(out / name / "train", out / name / "prune" / "export", train_common)
         elif name in ("importance", "importance-fixed"):
             r = _prune(out / "importance" / "prune", prune_common)
             final = _train(

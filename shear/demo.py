@@ -94,8 +94,9 @@ def run_demo(
     train("continued pre-training", prune_dir / "export", train_dir, budget["train"]["steps"])
     if not (one_shot_dir / "report.md").exists():
         _say("baseline: one-shot activation-importance pruning")
+        one_shot = {**budget["prune"], "steps": 0, "search_steps": 0}
         run_prune(PruneConfig(model=model, target=target, data=data, out=str(one_shot_dir),
-                              num_workers=num_workers, **{**budget["prune"], "steps": 0}))  # fmt: skip
+                              num_workers=num_workers, **one_shot))  # fmt: skip
     # equal training tokens: the pruning stage's steps and the continued pre-training's
     equal = budget["prune"]["steps"] * _tokens(budget["prune"]) // _tokens(budget["train"])
     train("baseline: training the one-shot model", one_shot_dir / "export", baseline_dir,

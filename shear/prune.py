@@ -77,6 +77,7 @@ class PruneConfig(TrainConfig):
     init: str = "importance"
     calibration_sequences: int = 32
     freeze_masks: float = 0.0
+    search_steps: int = 0
 
     TASK: ClassVar[str] = "prune"
     MIN_STEPS: ClassVar[int] = 0
@@ -96,6 +97,10 @@ class PruneConfig(TrainConfig):
             raise ShearError(f"freeze_masks must be in [0, 1], got {self.freeze_masks}")
         if self.calibration_sequences <= 0:
             raise ShearError(f"calibration_sequences must be positive, got {self.calibration_sequences}")
+        if self.search_steps < 0:
+            raise ShearError(f"search_steps must be >= 0, got {self.search_steps}")
+        if self.search_steps and self.init != "importance":
+            raise ShearError("--search-steps starts from activation importance: it needs --init importance")
         if self.steps == 0 and self.init != "importance":
             raise ShearError(
                 "--steps 0 (--one-shot) exports the importance choice: it needs --init importance"
@@ -262,6 +267,8 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
         ctx.parallel.reshard(model)  # FSDP: every rank measured the same scores
         if ctx.main:
             write_text_atomic(ctx.out / "calibration.json", json.dumps(calibration) + "\n")
+        if cfg.search_steps:
+            scores = _search(ctx, model, source, target, scores, calibration_batch(corpus, calibration))
     task = build_task(cfg, model, source, target, ctx.device, scores)
     task.objective.distiller = distiller
     if cfg.steps == 0:
@@ -271,6 +278,36 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
                 0, ctx.evaluate(model, corpus), False, None))  # fmt: skip
     loop, extra = run_loop(ctx, task, corpus, source_eval, {"source_eval": source_eval})
     return _finish_run(ctx, task, corpus, tokenizer, source, target, extra["source_eval"], loop)
+
+
+def _search(
+    ctx: RunContext,
+    model: nn.Module,
+    source: Arch,
+    target: Arch,
+    scores: dict[str, torch.Tensor],
+    calibration: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """The mask search of ``--search-steps`` (:mod:`shear.mask_search`); returns its scores."""
+    from shear.mask_search import search_masks
+
+    cfg = ctx.cfg
+    if ctx.parallel.sharded:
+        raise ShearError("--search-steps does not run under FSDP yet; use --strategy ddp or --search-steps 0")
+    ctx.say(f"searching the masks for {cfg.search_steps} steps on the calibration sequences, weights frozen")
+    records: list[dict[str, Any]] = []
+    searched = search_masks(
+        model, source, target, scores, calibration, cfg.search_steps, batch_size=cfg.batch_size,
+        lr_masks=cfg.lr_masks, lr_lambdas=cfg.lr_lambdas, seed=cfg.seed, mask_types=cfg.mask_types,
+        log=records.append,
+    )  # fmt: skip
+    if ctx.main:
+        for r in records:
+            ctx.log.write(r)
+        swapped = ", ".join(f"{n} {v}" for n, v in records[-1]["swapped"].items())
+        ctx.say(f"search: loss {records[0]['search_loss']:.3f} -> {records[-1]['search_loss']:.3f}; "
+                f"units swapped against activation importance: {swapped}")  # fmt: skip
+    return searched
 
 
 def _finish_run(

@@ -44,6 +44,16 @@ def test_quality_benchmark_runs_every_variant(tiny_source, data_dir, tmp_path):
     # the paper's variant: uniform init and the paper's dynamic rule
     paper = json.loads((tmp_path / "q" / "paper" / "prune" / "config.json").read_text())
     assert (paper["init"], paper["dynamic_eta"], paper["min_domain_weight"]) == ("uniform", 1.0, 0.0)
+
+    # the ways of learning the masks: shear's frozen default, joint learning, the search
+    def prune_cfg(name):
+        return json.loads((tmp_path / "q" / name / "prune" / "config.json").read_text())
+
+    assert prune_cfg("importance")["freeze_masks"] == 1.0 and prune_cfg("importance")["search_steps"] == 0
+    assert prune_cfg("joint")["freeze_masks"] == 0.5
+    assert prune_cfg("search")["search_steps"] == 40 and prune_cfg("one-shot")["search_steps"] == 0
+    search_log = (tmp_path / "q" / "search" / "prune" / "log.jsonl").read_text()
+    assert search_log.count('"search_step"') == 40
     table = quality.format_results(r)
     assert all(table.count(f"| {d} |") == 2 for d in domains)
     assert json.loads((tmp_path / "q" / "results.json").read_text()) == r
