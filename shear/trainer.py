@@ -56,6 +56,10 @@ from shear.runfolder import (
     write_run_config,
 )
 
+#: The data stream each task reads (:class:`shear.data.DomainSampler`): continued pre-training
+#: after pruning reads sequences the pruning stage did not, at the same seed.
+DATA_STREAMS = {"train": 0, "prune": 1}
+
 
 @dataclass(kw_only=True)
 class TrainConfig:
@@ -480,7 +484,9 @@ def run_loop(
         task.optimizer, lambda s: lr_factor(s, cfg.steps, warmup, cfg.min_lr_ratio)
     )
     weights = cfg.domain_weights or {d: 1.0 for d in corpus.domains}
-    sampler = DomainSampler(corpus, weights, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world)
+    sampler = DomainSampler(
+        corpus, weights, seed=cfg.seed, stream=DATA_STREAMS[task.name], rank=ctx.rank, world_size=ctx.world
+    )
     loader = DomainBatchLoader(sampler, cfg.batch_size, cfg.num_workers, pin_memory=device.type == "cuda")
 
     parallel = ctx.parallel

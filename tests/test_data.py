@@ -67,6 +67,22 @@ def test_sampler_is_deterministic_and_resumes_exactly():
     assert s3.weights == {"a": 0.75, "b": 0.25}
 
 
+def test_pruning_and_training_read_different_streams_of_a_seed():
+    """Continued pre-training after pruning (same seed) must not re-read the pruning stage's rows."""
+    from shear.trainer import DATA_STREAMS
+
+    corpus = Corpus(2, {"a": torch.arange(4000).view(2000, 2)}, {"a": torch.zeros(1, 2, dtype=torch.long)})
+
+    def rows(stream: int) -> set[int]:
+        s = DomainSampler(corpus, {"a": 1.0}, seed=3, stream=stream)
+        return {int(r[0]) for _ in range(20) for r in s.next_batch(4)[0]}
+
+    prune, train = rows(DATA_STREAMS["prune"]), rows(DATA_STREAMS["train"])
+    assert len(prune) == len(train) == 80
+    assert len(prune & train) <= 8  # two independent draws of 80 of 2000 rows share ~3
+    assert rows(DATA_STREAMS["prune"]) == prune  # each stream is deterministic
+
+
 def test_sampler_ranks_are_disjoint_slices_of_the_global_batch():
     whole = DomainSampler(_corpus(), {"a": 1.0, "b": 1.0}, seed=2)
     ranks = [DomainSampler(_corpus(), {"a": 1.0, "b": 1.0}, seed=2, rank=r, world_size=2) for r in (0, 1)]

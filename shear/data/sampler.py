@@ -23,6 +23,11 @@ from shear.errors import ShearError
 Plan = list[tuple[int, int]]
 
 
+#: Offset between the seeds of two data streams: far from any seed, domain or epoch term, and
+#: below 2**32 (the CPU generator keeps only a seed's low 32 bits).
+_STREAM_STRIDE = 0x9E3779B1
+
+
 @dataclass
 class DomainSampler:
     """Plans batches whose samples pick their domain from ``weights``.
@@ -34,6 +39,9 @@ class DomainSampler:
         corpus: the packed data.
         weights: ``{domain: weight}``, normalised to sum to 1.
         seed: RNG seed.
+        stream: which of the seed's data streams to read. Pruning reads stream 1 and
+            continued pre-training stream 0, so that the second stage of a run does not
+            re-read, in the same order, the sequences the first stage trained on.
         rank: this process's rank.
         world_size: number of ranks sharing each global batch.
     """
@@ -41,6 +49,7 @@ class DomainSampler:
     corpus: Corpus
     weights: dict[str, float]
     seed: int = 0
+    stream: int = 0
     rank: int = 0
     world_size: int = 1
     _gen: torch.Generator = field(init=False, repr=False)
@@ -53,7 +62,7 @@ class DomainSampler:
         if empty:
             raise ShearError(f"domain(s) {empty} have no training sequences")
         self.set_weights(self.weights)
-        self._gen = torch.Generator().manual_seed(self.seed)
+        self._gen = torch.Generator().manual_seed(self.seed + self.stream * _STREAM_STRIDE)
         self._cursor = dict.fromkeys(self.corpus.domains, 0)
         self._epoch = dict.fromkeys(self.corpus.domains, 0)
         self._order = {d: self._permutation(d, 0) for d in self.corpus.domains}
@@ -62,7 +71,8 @@ class DomainSampler:
         # Seeded per (domain, epoch), independent of the draw RNG, so resuming only needs
         # the cursor and epoch, not the permutation itself.
         idx = self.corpus.domains.index(domain)
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + idx * 7919 + epoch)
+        stream = self.stream * _STREAM_STRIDE
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + idx * 7919 + epoch + stream)
         return torch.randperm(len(self.corpus.train[domain]), generator=g)
 
     def set_weights(self, weights: dict[str, float]) -> None:
