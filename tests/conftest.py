@@ -89,6 +89,17 @@ PER_GROUP_KIND = "llama_gqa_bias_untied"
 PER_GROUP_TARGET = "layers=2,hidden=36,heads=4,kv_heads=2,intermediate=50"
 
 
+def prune_tiny(src, data, out, **kw):
+    """A short `shear prune` run of a tiny source on the tiny corpus (options override the defaults)."""
+    from shear.prune import PruneConfig, run_prune
+
+    cfg = dict(model=src, target="layers=2,hidden=48,heads=2,kv_heads=1,intermediate=64", data=data,
+               out=str(out), batch_size=4, seq_len=32, eval_interval=10, checkpoint_interval=100,
+               calibration_sequences=8, export=True)  # fmt: skip
+    cfg.update(kw)
+    return run_prune(PruneConfig(**cfg))
+
+
 def make_per_group_masked(seed: int = 0):
     """A tiny GQA model under every mask type, random log_alpha, whose groups keep different heads.
 

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import TINY_TARGETS, make_tiny
+from conftest import TINY_TARGETS, make_tiny, prune_tiny
 
 from shear.arch import Arch
 from shear.data.corpus import Corpus
@@ -19,7 +19,6 @@ from shear.importance import (
     scores_for,
 )
 from shear.masks import MASK_TYPES, HardConcreteMasks
-from shear.prune import PruneConfig, run_prune
 from shear.target import resolve_target
 
 KIND = "llama_gqa_bias_untied"  # 6 query heads in 2 KV groups, 2 layers
@@ -97,16 +96,8 @@ def test_initialisation_is_the_one_shot_choice_at_the_targets():
         assert torch.all((kept - k).abs() <= 0.05 * (size - k) + 0.01 * k), (name, kept)
 
 
-def _run(src, data, out, **kw):
-    cfg = dict(model=src, target="layers=2,hidden=48,heads=2,kv_heads=1,intermediate=64", data=data,
-               out=str(out), batch_size=4, seq_len=32, eval_interval=10, checkpoint_interval=100,
-               calibration_sequences=8, export=True)  # fmt: skip
-    cfg.update(kw)
-    return run_prune(PruneConfig(**cfg))
-
-
 def test_one_shot_exports_the_importance_choice_without_training(tiny_source, data_dir, tmp_path):
-    r = _run(tiny_source, data_dir, tmp_path / "one", steps=0)
+    r = prune_tiny(tiny_source, data_dir, tmp_path / "one", steps=0)
     out = tmp_path / "one"
     assert r["steps"] == 0 and os.path.isdir(r["export"])
     log = out / "log.jsonl"  # no training step, no checkpoint
@@ -124,7 +115,7 @@ def test_every_row_ends_within_5_percent_of_its_target(tiny_source, data_dir, tm
     # rows of 3+ units: in a 1-of-2 row the clamp's floor alone (keep probability 0.047 for
     # the dropped unit) is 4.7% of the target
     target = "layers=2,hidden=48,heads=4,kv_heads=2,intermediate=96"
-    _run(tiny_source, data_dir, tmp_path / "run", steps=60, target=target, lr_masks=0.05, export=False)
+    prune_tiny(tiny_source, data_dir, tmp_path / "run", steps=60, target=target, lr_masks=0.05, export=False)
     last = [json.loads(x) for x in open(tmp_path / "run" / "log.jsonl") if '"expected"' in x][-1]
     for name, target in last["final_target"].items():
         for bound in ("expected_min", "expected_max"):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny
+from conftest import make_tiny, prune_tiny
 
 from shear.arch import Arch
 from shear.errors import ShearError
@@ -14,7 +14,7 @@ from shear.importance import activation_importance, keep_indicators, scores_for
 from shear.mask_search import SPREAD, graded_init, search_masks
 from shear.masks import MASK_TYPES, HardConcreteMasks
 from shear.patch import masks_of
-from shear.prune import PruneConfig, run_prune
+from shear.prune import PruneConfig
 from shear.target import resolve_target
 
 TARGET = "layers=1,hidden=36,heads=4,kv_heads=2,intermediate=50"
@@ -77,16 +77,8 @@ def test_search_learns_only_the_masks_and_leaves_the_model_as_it_was():
     assert all(torch.equal(again[n], searched[n]) for n in searched)
 
 
-def _run(src, data, out, **kw):
-    cfg = dict(model=src, target="layers=2,hidden=48,heads=2,kv_heads=1,intermediate=64", data=data,
-               out=str(out), batch_size=4, seq_len=32, eval_interval=10, checkpoint_interval=100,
-               calibration_sequences=8, export=True)  # fmt: skip
-    cfg.update(kw)
-    return run_prune(PruneConfig(**cfg))
-
-
 def test_a_run_searches_then_exports_the_searched_choice(tiny_source, data_dir, tmp_path):
-    r = _run(tiny_source, data_dir, tmp_path / "s", steps=0, search_steps=4, lr_masks=0.5)
+    r = prune_tiny(tiny_source, data_dir, tmp_path / "s", steps=0, search_steps=4, lr_masks=0.5)
     records = [json.loads(x) for x in open(tmp_path / "s" / "log.jsonl")]
     search = [x for x in records if "search_step" in x]
     assert [x["search_step"] for x in search] == [1, 2, 3, 4]
