@@ -32,7 +32,12 @@ Budgets are the CPU demo's (``shear demo``); ``--scale 4`` multiplies both stage
 Each run lives in its own folder under ``--out`` and is skipped when already complete, so
 an interrupted benchmark continues. Prints a markdown table (and writes ``results.json``)::
 
-    python benchmarks/quality.py --out runs/quality [--scale 4]
+    python benchmarks/quality.py --out runs/quality [--scale 4] [--seeds 0 1 2]
+
+One run per variant cannot separate differences of a few hundredths of a nat: the seed
+moves the calibration rows, the data order and the sampled masks. ``--seeds`` repeats every
+variant per seed (``out/seed-N``) and adds a summary: the mean loss per domain over the
+seeds, and per seed on how many domains each variant beats the one-shot baseline.
 """
 
 from __future__ import annotations
@@ -96,6 +101,7 @@ def run_quality(
     variants: tuple[str, ...] = VARIANTS,
     eval_sequences: int = 16,
     overrides: dict[str, dict[str, Any]] | None = None,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Run the variants and return their per-domain losses.
 
@@ -108,6 +114,7 @@ def run_quality(
         variants: which of :data:`VARIANTS` to run.
         eval_sequences: held-out sequences per domain (the same for every run).
         overrides: ``{"prune": {...}, "train": {...}}`` options over the demo budget (tests).
+        seed: the seed of every run (calibration rows, data order, sampled masks).
 
     Returns:
         ``{"tokens": {...}, "source": {...}, "variants": {name: {"pruned", "final", "masks"}}}``,
@@ -124,10 +131,10 @@ def run_quality(
         for key in ("steps", "eval_interval", "checkpoint_interval", "dynamic_interval"):
             stage[key] = max(1, round(stage[key] * scale))
     P, T = budget["prune"]["steps"], budget["train"]["steps"]
-    base = dict(data=data, eval_sequences=eval_sequences, dynamic=True)
+    base = dict(data=data, eval_sequences=eval_sequences, dynamic=True, seed=seed)
     prune_common = {**base, **budget["prune"], "model": model, "target": target}
     train_common = {**base, **budget["train"]}
-    results: dict[str, Any] = {"variants": {}}
+    results: dict[str, Any] = {"seed": seed, "variants": {}}
 
     one_shot = _prune(out / "one-shot" / "prune", prune_common, steps=0, search_steps=0)
     results["source"] = one_shot["source"]
@@ -210,6 +217,52 @@ def format_results(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Aggregate :func:`run_quality` results of several seeds.
+
+    Args:
+        runs: one result per seed, the same variants in each.
+
+    Returns:
+        ``{"seeds": [...], "mean": {variant: {stage: {domain: loss}}}, "wins": {variant: {stage:
+        [domains beating one-shot, per seed]}}}``; a stage a variant lacks is ``None``, and
+        ``wins`` is empty without the ``one-shot`` variant.
+    """
+    domains = list(runs[0]["source"])
+    mean: dict[str, Any] = {}
+    wins: dict[str, Any] = {}
+    for name in runs[0]["variants"]:
+        mean[name], wins[name] = {}, {}
+        for stage in ("pruned", "final"):
+            rows = [r["variants"][name][stage] for r in runs]
+            if any(row is None for row in rows):
+                mean[name][stage] = None
+                continue
+            mean[name][stage] = {d: sum(row[d] for row in rows) / len(rows) for d in domains}
+            if name != "one-shot" and "one-shot" in runs[0]["variants"]:
+                pairs = zip(rows, [r["variants"]["one-shot"][stage] for r in runs], strict=True)
+                wins[name][stage] = [sum(row[d] < base[d] for d in domains) for row, base in pairs]
+    return {"seeds": [r["seed"] for r in runs], "mean": mean, "wins": {n: w for n, w in wins.items() if w}}
+
+
+def format_summary(summary: dict[str, Any], source: dict[str, float]) -> str:
+    """Markdown: mean perplexity per domain over the seeds, and the wins against one-shot."""
+    names = list(summary["mean"])
+    lines = [f"Seeds {summary['seeds']}: perplexity of the mean loss per domain (pruning stage / total)", ""]
+    lines += ["| domain | source | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for d in source:
+        cells = []
+        for n in names:
+            stages = [summary["mean"][n][s] for s in ("pruned", "final")]
+            cells.append(" / ".join("-" if v is None else f"{math.exp(v[d]):.2f}" for v in stages))
+        lines.append(f"| {d} | {math.exp(source[d]):.2f} | " + " | ".join(cells) + " |")
+    if summary["wins"]:
+        lines += ["", f"Domains (of {len(source)}) on which each variant beats one-shot, per seed:", ""]
+        for n, w in summary["wins"].items():
+            lines.append(f"- {n}: " + "; ".join(f"{stage} {counts}" for stage, counts in w.items()))
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/quality", help="folder of the runs")
@@ -217,9 +270,18 @@ def main() -> None:
     p.add_argument("--data", help="data folder (default: the default corpus)")
     p.add_argument("--scale", type=float, default=1.0, help="multiply both stages' steps (4: the 4x budget)")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="one run of every variant per seed")
     args = p.parse_args()
-    r = run_quality(args.out, args.model, args.data, scale=args.scale, variants=tuple(args.variants))
-    print(format_results(r))
+    runs = []
+    for seed in args.seeds:
+        out = Path(args.out) if len(args.seeds) == 1 else Path(args.out) / f"seed-{seed}"
+        variants = tuple(args.variants)
+        runs.append(run_quality(out, args.model, args.data, scale=args.scale, variants=variants, seed=seed))
+        print(f"\nseed {seed}:\n" + format_results(runs[-1]))
+    if len(runs) > 1:
+        summary = summarize(runs)
+        write_text_atomic(Path(args.out) / "summary.json", json.dumps(summary, indent=2) + "\n")
+        print("\n" + format_summary(summary, runs[0]["source"]))
 
 
 if __name__ == "__main__":

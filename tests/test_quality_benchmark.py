@@ -61,3 +61,39 @@ def test_quality_benchmark_runs_every_variant(tiny_source, data_dir, tmp_path):
     mtime = (tmp_path / "q" / "paper" / "train" / "evals.json").stat().st_mtime
     assert quality.run_quality(*args, eval_sequences=2, overrides=overrides) == r
     assert (tmp_path / "q" / "paper" / "train" / "evals.json").stat().st_mtime == mtime
+
+
+def _result(seed, one_shot, shear):
+    """A run_quality result with two domains: one-shot and importance losses per stage."""
+
+    def losses(values):
+        return {"code": values[0], "wiki": values[1]}
+
+    return {
+        "seed": seed,
+        "source": {"code": 1.0, "wiki": 1.0},
+        "variants": {
+            "one-shot": {"pruned": losses(one_shot[0]), "final": losses(one_shot[1])},
+            "importance": {"pruned": losses(shear[0]), "final": losses(shear[1])},
+            "one-shot+distill": {"pruned": None, "final": losses(one_shot[1])},
+        },
+    }
+
+
+def test_summary_over_seeds_means_losses_and_counts_wins_per_seed():
+    quality = _load()
+    runs = [
+        _result(0, ([4.0, 5.0], [3.0, 4.0]), ([3.5, 5.5], [2.0, 3.0])),
+        _result(3, ([4.0, 5.0], [3.0, 4.0]), ([4.5, 4.0], [3.5, 4.5])),
+    ]
+    s = quality.summarize(runs)
+    assert s["seeds"] == [0, 3]
+    assert s["mean"]["importance"]["pruned"] == {"code": 4.0, "wiki": 4.75}
+    assert s["mean"]["importance"]["final"] == {"code": 2.75, "wiki": 3.75}
+    assert s["mean"]["one-shot+distill"]["pruned"] is None
+    # per seed: seed 0 wins code (pruned) and both domains (final); seed 3 wins wiki, then neither
+    assert s["wins"]["importance"] == {"pruned": [1, 1], "final": [2, 0]}
+    assert "one-shot" not in s["wins"]
+    table = quality.format_summary(s, runs[0]["source"])
+    assert "| code | 2.72 | 54.60 / 20.09 | 54.60 / 15.64 | - / 20.09 |" in table
+    assert "- importance: pruned [1, 1]; final [2, 0]" in table
