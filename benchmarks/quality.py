@@ -6,15 +6,24 @@ after the pruning stage (P steps' tokens) and after continued pre-training (P + 
 tokens in all). Variants:
 
 ``one-shot``
-    activation importance, no gradient step (``shear prune --one-shot``), then ``shear
-    train``: P steps for the pruning-stage column, P + T steps for the final one.
+    activation importance, no gradient step, no refit (``shear prune --one-shot``, Minitron's
+    cut), then ``shear train``: P steps for the pruning-stage column, P + T steps for the
+    final one.
+``one-shot-staged``
+    the one-shot export trained on shear's two-stage schedule: P steps of ``shear train``
+    with the pruning stage's learning-rate schedule (held at its peak after the warm-up),
+    then T steps of continued pre-training from that model on the next seed's data. With the
+    masks frozen from the first step, ``importance`` differs from it only in training the
+    masked full-size model: the control that separates what the masks add from what the
+    schedule adds.
 ``paper``
     the paper's recipe: uniform mask initialisation, masks learned to the last step, LM
     loss, the paper's dynamic loading (eta 1, no floor); then T steps of ``shear train``
     with the same rule.
 ``importance``
     shear's CPU demo defaults: masks initialised from importance and frozen from the first
-    step (``--freeze-masks 1``), then T steps of ``shear train``.
+    step (``--freeze-masks 1``), the kept weights refitted to the source on the calibration
+    sequences (``--refit 0.3``), then T steps of ``shear train``.
 ``joint``
     masks initialised from importance and learned jointly with the weights for the first
     half of the pruning stage (``--freeze-masks 0.5``, log_alpha at 0.3), frozen after.
@@ -56,17 +65,20 @@ from shear.train import run_train
 from shear.trainer import TrainConfig
 
 VARIANTS = (
-    "one-shot", "paper", "importance", "joint", "search", "importance-fixed", "one-shot+distill",
-    "importance+distill",
+    "one-shot", "one-shot-staged", "paper", "importance", "joint", "search", "importance-fixed",
+    "one-shot+distill", "importance+distill",
 )  # fmt: skip
 #: Distillation from the source in both stages: half LM loss, half KL.
 DISTILL = dict(distill_weight=0.5)
 #: The paper's dynamic batch loading: step 1 on the loss gap, no floor.
 PAPER_DYNAMIC = dict(dynamic_eta=1.0, min_domain_weight=0.0)
 #: The paper's pruning: uniform initialisation, masks learned to the last step.
-PAPER_PRUNING = dict(init="uniform", freeze_masks=0.0, search_steps=0, **PAPER_DYNAMIC)
+PAPER_PRUNING = dict(init="uniform", freeze_masks=0.0, search_steps=0, refit=0.0, **PAPER_DYNAMIC)
 #: Other ways of learning the masks from the importance choice (see the module docstring).
-MASK_LEARNING = {"joint": dict(freeze_masks=0.5, lr_masks=0.3), "search": dict(search_steps=40, lr_masks=0.1)}
+MASK_LEARNING = {
+    "joint": dict(freeze_masks=0.5, lr_masks=0.3, refit=0.0),  # a refit needs masks that stay put
+    "search": dict(search_steps=40, lr_masks=0.1),
+}
 
 
 def _prune(out: Path, common: dict[str, Any], **kw: Any) -> dict[str, Any]:
@@ -136,7 +148,8 @@ def run_quality(
     train_common = {**base, **budget["train"]}
     results: dict[str, Any] = {"seed": seed, "variants": {}}
 
-    one_shot = _prune(out / "one-shot" / "prune", prune_common, steps=0, search_steps=0)
+    # the baseline a user would pick (Minitron's): the importance choice as cut, no refit
+    one_shot = _prune(out / "one-shot" / "prune", prune_common, steps=0, search_steps=0, refit=0.0)
     results["source"] = one_shot["source"]
     train_common["reference_losses"] = one_shot["source"]
     for name in variants:
@@ -144,6 +157,14 @@ def run_quality(
             export = out / "one-shot" / "prune" / "export"
             pruned = _train(out / name / f"train-{P}", export, train_common, steps=P)
             final = _train(out / name / f"train-{P + T}", export, train_common, steps=P + T)
+            results["variants"][name] = {"pruned": pruned, "final": final, "masks": None}
+            continue
+        if name == "one-shot-staged":
+            export = out / "one-shot" / "prune" / "export"
+            schedule = {k: budget["prune"][k] for k in ("lr_warmup", "lr_weights", "min_lr_ratio")}
+            first = out / name / f"train-{P}"
+            pruned = _train(first, export, train_common, steps=P, **schedule)
+            final = _train(out / name / "train", first / "model", {**train_common, "seed": seed + 1})
             results["variants"][name] = {"pruned": pruned, "final": final, "masks": None}
             continue
         if name == "one-shot+distill":  # the final column only: the costliest run of all

@@ -94,7 +94,7 @@ def run_demo(
     train("continued pre-training", prune_dir / "export", train_dir, budget["train"]["steps"])
     if not (one_shot_dir / "report.md").exists():
         _say("baseline: one-shot activation-importance pruning")
-        one_shot = {**budget["prune"], "steps": 0, "search_steps": 0}
+        one_shot = {**budget["prune"], "steps": 0, "search_steps": 0, "refit": 0.0}  # as cut
         run_prune(PruneConfig(model=model, target=target, data=data, out=str(one_shot_dir),
                               num_workers=num_workers, **one_shot))  # fmt: skip
     # equal training tokens: the pruning stage's steps and the continued pre-training's

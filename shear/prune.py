@@ -78,6 +78,7 @@ class PruneConfig(TrainConfig):
     calibration_sequences: int = 32
     freeze_masks: float = 0.0
     search_steps: int = 0
+    refit: float = 0.0
 
     TASK: ClassVar[str] = "prune"
     MIN_STEPS: ClassVar[int] = 0
@@ -101,6 +102,14 @@ class PruneConfig(TrainConfig):
             raise ShearError(f"search_steps must be >= 0, got {self.search_steps}")
         if self.search_steps and self.init != "importance":
             raise ShearError("--search-steps starts from activation importance: it needs --init importance")
+        if self.refit < 0:
+            raise ShearError(f"refit must be >= 0 (0: no refit), got {self.refit}")
+        if self.refit and self.init != "importance":
+            raise ShearError("--refit refits the importance choice: it needs --init importance")
+        if self.refit and self.steps and self.freeze_masks < 1:
+            # the refit fits the kept blocks to the units the choice dropped: a unit that came
+            # back later would count twice
+            raise ShearError("--refit needs a choice that no longer changes: --freeze-masks 1 or --one-shot")
         if self.steps == 0 and self.init != "importance":
             raise ShearError(
                 "--steps 0 (--one-shot) exports the importance choice: it needs --init importance"
@@ -271,6 +280,8 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
             scores = _search(ctx, model, source, target, scores, calibration_batch(corpus, calibration))
     task = build_task(cfg, model, source, target, ctx.device, scores)
     task.objective.distiller = distiller
+    if cfg.refit and not cfg.resume:  # a resume restores the refitted weights
+        _refit(ctx, task, calibration_batch(corpus, calibration))
     if cfg.steps == 0:
         # one-shot: the importance choice at unit scale, exactly what the masks start from
         with task.masks.fixed(keep_indicators(task.masks)):
@@ -308,6 +319,24 @@ def _search(
         ctx.say(f"search: loss {records[0]['search_loss']:.3f} -> {records[-1]['search_loss']:.3f}; "
                 f"units swapped against activation importance: {swapped}")  # fmt: skip
     return searched
+
+
+def _refit(ctx: RunContext, task: PruneTask, calibration: torch.Tensor) -> None:
+    """Refit the kept weights to the source on the calibration sequences (:mod:`shear.refit`)."""
+    from shear.refit import refit_masked
+
+    if ctx.parallel.sharded:
+        raise ShearError("--refit needs the whole model on every rank: run it without FSDP sharding")
+    cfg = ctx.cfg
+    z = keep_indicators(task.masks) if cfg.steps == 0 else task.masks.deterministic()
+    ctx.say(f"refitting the kept weights to the source on {len(calibration)} calibration sequences")
+    errors = refit_masked(task.model, task.masks, z, calibration, cfg.batch_size, cfg.refit)
+    before, after = (sum(e[i] for e in errors.values()) / len(errors) for i in (0, 1))
+    ctx.say(f"relative reconstruction error of the kept linears: {before:.3f} cut, {after:.3f} refitted")
+    if ctx.main:
+        write_text_atomic(ctx.out / "refit.json", json.dumps(
+            {"damping": cfg.refit, "error": {k: {"cut": b, "refit": a} for k, (b, a) in errors.items()}},
+            indent=2) + "\n")  # fmt: skip
 
 
 def _finish_run(

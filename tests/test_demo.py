@@ -10,7 +10,10 @@ from shear.cli import main
 from shear.demo import run_demo
 
 _STAGE = dict(steps=4, batch_size=4, seq_len=32, eval_interval=2, checkpoint_interval=2, dynamic_interval=2)
-BUDGET = {"prune": dict(_STAGE, target_warmup=0.5), "train": dict(_STAGE, lr_weights=1e-3)}
+BUDGET = {
+    "prune": dict(_STAGE, target_warmup=0.5, freeze_masks=1.0, refit=0.3),
+    "train": dict(_STAGE, lr_weights=1e-3),
+}
 
 
 def test_demo_chain_on_a_tiny_model(tiny_source, data_dir, tmp_path):
@@ -35,6 +38,12 @@ def test_demo_chain_on_a_tiny_model(tiny_source, data_dir, tmp_path):
     assert len(rows[0].split("|")) == 9
     base = json.loads((tmp_path / "demo" / "baseline" / "train" / "config.json").read_text())
     assert base["steps"] == 8 and base["model"].endswith("one-shot/export")  # equal tokens: 4 + 4 steps
+    # shear refits its choice; the baseline keeps the cut as it is
+    assert (tmp_path / "demo" / "prune" / "refit.json").exists()
+    one_shot = json.loads((tmp_path / "demo" / "baseline" / "one-shot" / "config.json").read_text())
+    assert (
+        one_shot["refit"] == 0.0 and not (tmp_path / "demo" / "baseline" / "one-shot" / "refit.json").exists()
+    )
     assert len(rows) == 3  # and a domain-weight row per stage
     # a finished demo is not run again: the stages are skipped, the report rewritten
     mtime = (tmp_path / "demo" / "prune" / "checkpoint.pt").stat().st_mtime

@@ -41,6 +41,13 @@ def test_quality_benchmark_runs_every_variant(tiny_source, data_dir, tmp_path):
     cfg = json.loads((tmp_path / "q" / "one-shot" / "train-8" / "config.json").read_text())
     assert cfg["steps"] == 8
     assert r["tokens"] == {"pruning stage": 4 * 4 * 32, "total": 8 * 4 * 32}
+    # the schedule control: the one-shot export on the pruning stage's schedule, then the
+    # continued pre-training of the others from that model on the next seed's data
+    first = json.loads((tmp_path / "q" / "one-shot-staged" / "train-4" / "config.json").read_text())
+    second = json.loads((tmp_path / "q" / "one-shot-staged" / "train" / "config.json").read_text())
+    assert (first["steps"], first["min_lr_ratio"], first["seed"]) == (4, 1.0, 0)
+    assert (second["steps"], second["min_lr_ratio"], second["seed"]) == (4, 0.1, 1)
+    assert second["model"] == str(tmp_path / "q" / "one-shot-staged" / "train-4" / "model")
     # the paper's variant: uniform init and the paper's dynamic rule
     paper = json.loads((tmp_path / "q" / "paper" / "prune" / "config.json").read_text())
     assert (paper["init"], paper["dynamic_eta"], paper["min_domain_weight"]) == ("uniform", 1.0, 0.0)
@@ -50,6 +57,9 @@ def test_quality_benchmark_runs_every_variant(tiny_source, data_dir, tmp_path):
         return json.loads((tmp_path / "q" / name / "prune" / "config.json").read_text())
 
     assert prune_cfg("importance")["freeze_masks"] == 1.0 and prune_cfg("importance")["search_steps"] == 0
+    # shear's default refits its choice; the one-shot baseline and the learned masks do not
+    assert prune_cfg("importance")["refit"] == 0.3
+    assert prune_cfg("one-shot")["refit"] == prune_cfg("joint")["refit"] == prune_cfg("paper")["refit"] == 0.0
     assert prune_cfg("joint")["freeze_masks"] == 0.5
     assert prune_cfg("search")["search_steps"] == 40 and prune_cfg("one-shot")["search_steps"] == 0
     search_log = (tmp_path / "q" / "search" / "prune" / "log.jsonl").read_text()

@@ -1,0 +1,158 @@
+"""The least-squares refit at the cut: the solve, its order over layers, the masked model after it."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import TINY_KINDS, TINY_TARGETS, make_tiny, prune_tiny
+
+from shear.arch import Arch
+from shear.errors import ShearError
+from shear.export import export_plan, kept_layers
+from shear.importance import activation_importance, init_from_importance
+from shear.patch import apply_masks
+from shear.prune import PruneConfig
+from shear.refit import REFITTED, STAGES, dense_pruned, refit_masked
+
+DAMPING = 0.2
+
+
+def _calibration(n: int = 6, seq: int = 16) -> torch.Tensor:
+    return torch.randint(0, 101, (n, seq), generator=torch.Generator().manual_seed(3))
+
+
+def _cut(kind: str):
+    """(source, masked model, masks, z): the importance choice of a tiny model, masks attached."""
+    source, model = make_tiny(kind), make_tiny(kind)
+    arch = Arch.from_config(model.config)
+    scores = activation_importance(source, arch, _calibration())
+    masks = apply_masks(model, TINY_TARGETS[kind])
+    init_from_importance(masks, scores)
+    with torch.no_grad():
+        z = masks.deterministic()  # kept values below 1: the scales must come out again
+    return source, model, masks, z
+
+
+def _dense(model, masks, z):
+    plan, arch = export_plan(model, masks, z)
+    return dense_pruned(model, plan, arch, kept_layers(masks, z))
+
+
+def _inputs(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Input of every refitted linear of a plain model on ``ids``, by weight name."""
+    seen, handles = {}, []
+
+    def grab(module, args, name):
+        seen[f"{name}.weight"] = args[0].flatten(0, -2).double()  # returns None: the input stays
+
+    for name, module in model.named_modules():
+        if f"{name}.weight".endswith(REFITTED):
+            handles.append(module.register_forward_pre_hook(lambda m, args, name=name: grab(m, args, name)))
+    with torch.no_grad():
+        model(ids)
+    for h in handles:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("kind", sorted(TINY_KINDS))
+def test_refit_solves_the_damped_least_squares_layer_after_layer(kind):
+    """Every refitted weight equals an independent float64 lstsq solve on the inputs that the
+    already-refitted layers before it produce; dropped units' weights do not move."""
+    source, model, masks, z = _cut(kind)
+    cut = _dense(model, masks, z)
+    dropped_before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    errors = refit_masked(model, masks, z, _calibration(), batch_size=4, damping=DAMPING)
+    refit = _dense(model, masks, z)
+    ids = _calibration()
+    u_src, u_new = _inputs(source, ids), _inputs(refit, ids)
+    plan = {s.name: s for s in export_plan(model, masks, z)[0]}
+    layers = kept_layers(masks, z)
+    source_params, cut_params = dict(source.named_parameters()), dict(cut.named_parameters())
+    checked = 0
+    for new, old in enumerate(layers):
+        for stage in STAGES:
+            for n in stage:
+                key, src_key = f"model.layers.{new}.{n}.weight", f"model.layers.{old}.{n}.weight"
+                rows = plan[key].rows
+                w = source_params[src_key].detach().double()
+                w = w[rows] if rows is not None else w
+                u, v = u_src[src_key], u_new[key]
+                lam = DAMPING * (v.T @ v).diagonal().mean()
+                a = torch.cat([v, lam.sqrt() * torch.eye(v.shape[1], dtype=v.dtype)])
+                b = torch.cat([u @ w.T, lam.sqrt() * cut_params[key].detach().double().T])
+                expected = torch.linalg.lstsq(a, b).solution.T
+                got = dict(refit.named_parameters())[key].detach().double()
+                torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6, msg=key)
+                before, after = errors[key]
+                assert after <= before + 1e-9 and 0 < before, key
+                checked += 1
+    assert checked == 7 * len(layers) == len(errors)
+    assert any(after < 0.9 * before for before, after in errors.values())
+    # nothing but the kept blocks of the refitted weights changed
+    names = {id(p): n for n, p in model.named_parameters()}
+    blocks = {}
+    for spec in plan.values():
+        if spec.name.endswith(REFITTED):
+            block = torch.zeros_like(spec.src, dtype=torch.bool)
+            rows = spec.rows if spec.rows is not None else torch.arange(block.shape[0])
+            cols = spec.cols if spec.cols is not None else torch.arange(block.shape[1])
+            block[rows[:, None], cols[None, :]] = True
+            blocks[names[id(spec.src)]] = block
+    assert len(blocks) == 7 * len(layers)
+    for name, p in model.named_parameters():
+        outside = ~blocks.get(name, torch.zeros_like(p, dtype=torch.bool))
+        assert torch.equal(p.detach()[outside], dropped_before[name][outside]), name
+
+
+@pytest.mark.parametrize("kind", sorted(TINY_KINDS))
+def test_masked_model_after_refit_computes_the_refitted_export(kind):
+    _, model, masks, z = _cut(kind)
+    ids = _calibration(2, 13)
+    with torch.no_grad(), masks.fixed(z):
+        before = model(ids).logits
+    refit_masked(model, masks, z, _calibration(), damping=DAMPING)
+    with torch.no_grad(), masks.fixed(z):
+        masked = model(ids).logits
+    dense = _dense(model, masks, z)
+    with torch.no_grad():
+        torch.testing.assert_close(masked, dense(ids).logits, rtol=1e-4, atol=1e-4)
+    assert (masked - before).abs().max() > 1e-2  # the refit changed the pruned model
+
+
+def test_refit_needs_a_choice_that_no_longer_changes():
+    base = dict(model="m", target="layers=1", data="d", out="o")
+    PruneConfig(**base, refit=0.3, freeze_masks=1.0).check()
+    PruneConfig(**base, refit=0.3, steps=0).check()
+    with pytest.raises(ShearError, match="freeze-masks 1"):
+        PruneConfig(**base, refit=0.3, freeze_masks=0.5).check()
+    with pytest.raises(ShearError, match="init importance"):
+        PruneConfig(**base, refit=0.3, freeze_masks=1.0, init="uniform").check()
+    with pytest.raises(ShearError, match="refit"):
+        PruneConfig(**base, refit=-1.0, freeze_masks=1.0).check()
+
+
+def test_one_shot_with_refit_exports_the_refitted_model(tiny_source, data_dir, tmp_path):
+    """`shear prune --one-shot --refit`: the export is the refitted masked model, not the cut, and
+    the reconstruction errors (below the cut's) are recorded."""
+    prune_tiny(tiny_source, data_dir, tmp_path / "cut", steps=0)
+    prune_tiny(tiny_source, data_dir, tmp_path / "refit", steps=0, refit=DAMPING)
+    out = tmp_path / "refit"
+    record = json.loads((out / "refit.json").read_text())
+    assert record["damping"] == DAMPING and len(record["error"]) == 7 * 2  # 2 kept layers
+    assert all(e["refit"] <= e["cut"] for e in record["error"].values())
+    evals = json.loads((out / "evals.json").read_text())
+    assert evals["exported"] == pytest.approx(evals["masked"], abs=1e-4)
+    assert evals["exported"] != json.loads((tmp_path / "cut" / "evals.json").read_text())["exported"]
+    assert (out / "calibration.json").read_text() == (tmp_path / "cut" / "calibration.json").read_text()
+
+
+def test_pruning_run_trains_from_the_refitted_weights(tiny_source, data_dir, tmp_path):
+    out = tmp_path / "run"
+    prune_tiny(tiny_source, data_dir, out, steps=2, freeze_masks=1.0, refit=DAMPING, export=False)
+    assert (out / "refit.json").exists()
+    log = [json.loads(x) for x in open(out / "log.jsonl") if '"loss"' in x]
+    assert len(log) == 2 and all(math.isfinite(x["loss"]) for x in log)
