@@ -256,6 +256,8 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
     target = resolve_target(source, cfg.target)
     check_prunes(source, target, cfg.model)
     ctx = start_run(cfg)
+    if cfg.refit and ctx.parallel.sharded:  # said before the model loads
+        raise ShearError("--refit needs the whole model on every rank: run it without FSDP sharding")
     model, tokenizer = ctx.parallel.load(cfg.model)
     model = ctx.parallel.shard(model)
     if tokenizer is None:
@@ -325,8 +327,6 @@ def _refit(ctx: RunContext, task: PruneTask, calibration: torch.Tensor) -> None:
     """Refit the kept weights to the source on the calibration sequences (:mod:`shear.refit`)."""
     from shear.refit import refit_masked
 
-    if ctx.parallel.sharded:
-        raise ShearError("--refit needs the whole model on every rank: run it without FSDP sharding")
     cfg = ctx.cfg
     z = keep_indicators(task.masks) if cfg.steps == 0 else task.masks.deterministic()
     ctx.say(f"refitting the kept weights to the source on {len(calibration)} calibration sequences")
