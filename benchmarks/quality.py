@@ -22,8 +22,8 @@ tokens in all). Variants:
     with the same rule.
 ``importance``
     shear's CPU demo defaults: masks initialised from importance and frozen from the first
-    step (``--freeze-masks 1``), the kept weights refitted to the source on the calibration
-    sequences (``--refit 0.3``), then T steps of ``shear train``.
+    step (``--freeze-masks 1``), the kept weights refitted to the source on 128 training
+    sequences (``--refit 0.3 --refit-sequences 128``), then T steps of ``shear train``.
 ``joint``
     masks initialised from importance and learned jointly with the weights for the first
     half of the pruning stage (``--freeze-masks 0.5``, log_alpha at 0.3), frozen after.

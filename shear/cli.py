@@ -209,6 +209,8 @@ _OPTION_HELP = {
     "refit": "least-squares refit of the kept weights to the source's layer outputs on the "
     "calibration sequences, held near the cut weights with this strength (0: no refit; needs "
     "--freeze-masks 1 or --one-shot; see shear.refit)",
+    "refit_sequences": "training sequences the --refit fits on (default: --calibration-sequences; "
+    "the importance's rows come first)",
     "freeze_masks": "fraction of the last steps that train the weights under the masks frozen at "
     "their deterministic values (0: the paper's, the masks learn to the end)",
     "eval_interval": "evaluate per domain every N steps",
@@ -496,14 +498,14 @@ DEMO_TARGET = "layers=24,hidden=384,heads=6,kv_heads=2,intermediate=1024"
 #: The pruning stage keeps its learning rate after the warm-up (min_lr_ratio=1.0) and continued
 #: pre-training decays it, so the two stages make one schedule as the baseline's single run does;
 #: decaying to 0.1x by the end of pruning left continued pre-training behind (RESULTS.md, repeats).
-#: Before the first step the kept weights are refitted to the source's layer outputs on the
-#: calibration sequences, held near the cut weights (refit=0.3, shear/refit.py): over three seeds
-#: this left the model 0.08-0.11 nats lower after the pruning stage's tokens than the same
-#: schedule from the plain cut; the plain least-squares fit (no pull toward the cut) was worse.
+#: Before the first step the kept weights are refitted to the source's layer outputs, held near
+#: the cut weights (refit=0.3, shear/refit.py), on 128 training sequences (the importance's 32
+#: first): fitted on the 32 alone, the refit overfit them and the final model lost wiki in three
+#: seeds of three; the plain least-squares fit (no pull toward the cut) was worse (RESULTS.md).
 DEMO_BUDGET_CPU = {
     "prune": dict(steps=80, batch_size=4, seq_len=128, eval_interval=20, checkpoint_interval=40,
                   target_warmup=0.5, lr_warmup=0.1, lr_weights=3e-4, min_lr_ratio=1.0, lr_masks=0.3,
-                  lr_lambdas=1.0, dynamic_interval=20, freeze_masks=1.0, refit=0.3),
+                  lr_lambdas=1.0, dynamic_interval=20, freeze_masks=1.0, refit=0.3, refit_sequences=128),
     "train": dict(steps=60, batch_size=4, seq_len=128, eval_interval=20, checkpoint_interval=30,
                   lr_warmup=0.1, lr_weights=3e-4, dynamic_interval=20),
 }  # fmt: skip

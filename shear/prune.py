@@ -79,6 +79,7 @@ class PruneConfig(TrainConfig):
     freeze_masks: float = 0.0
     search_steps: int = 0
     refit: float = 0.0
+    refit_sequences: int | None = None
 
     TASK: ClassVar[str] = "prune"
     MIN_STEPS: ClassVar[int] = 0
@@ -102,6 +103,8 @@ class PruneConfig(TrainConfig):
             raise ShearError(f"search_steps must be >= 0, got {self.search_steps}")
         if self.search_steps and self.init != "importance":
             raise ShearError("--search-steps starts from activation importance: it needs --init importance")
+        if self.refit_sequences is not None and self.refit_sequences <= 0:
+            raise ShearError(f"refit_sequences must be positive, got {self.refit_sequences}")
         if self.refit < 0:
             raise ShearError(f"refit must be >= 0 (0: no refit), got {self.refit}")
         if self.refit and self.init != "importance":
@@ -283,7 +286,7 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
     task = build_task(cfg, model, source, target, ctx.device, scores)
     task.objective.distiller = distiller
     if cfg.refit and not cfg.resume:  # a resume restores the refitted weights
-        _refit(ctx, task, calibration_batch(corpus, calibration))
+        _refit(ctx, task, corpus)
     if cfg.steps == 0:
         # one-shot: the importance choice at unit scale, exactly what the masks start from
         with task.masks.fixed(keep_indicators(task.masks)):
@@ -323,20 +326,26 @@ def _search(
     return searched
 
 
-def _refit(ctx: RunContext, task: PruneTask, calibration: torch.Tensor) -> None:
-    """Refit the kept weights to the source on the calibration sequences (:mod:`shear.refit`)."""
+def _refit(ctx: RunContext, task: PruneTask, corpus: Corpus) -> None:
+    """Refit the kept weights to the source on calibration sequences (:mod:`shear.refit`).
+
+    The refit fits whole weight matrices, so it may take more sequences than the importance
+    needs (``--refit-sequences``); drawn with the same seed, they start with the importance's.
+    """
     from shear.refit import refit_masked
 
     cfg = ctx.cfg
+    rows = calibration_rows(corpus, cfg.refit_sequences or cfg.calibration_sequences, cfg.seed)
+    calibration = calibration_batch(corpus, rows)
     z = keep_indicators(task.masks) if cfg.steps == 0 else task.masks.deterministic()
     ctx.say(f"refitting the kept weights to the source on {len(calibration)} calibration sequences")
     errors = refit_masked(task.model, task.masks, z, calibration, cfg.batch_size, cfg.refit)
     before, after = (sum(e[i] for e in errors.values()) / len(errors) for i in (0, 1))
     ctx.say(f"relative reconstruction error of the kept linears: {before:.3f} cut, {after:.3f} refitted")
     if ctx.main:
-        write_text_atomic(ctx.out / "refit.json", json.dumps(
-            {"damping": cfg.refit, "error": {k: {"cut": b, "refit": a} for k, (b, a) in errors.items()}},
-            indent=2) + "\n")  # fmt: skip
+        errors = {k: {"cut": b, "refit": a} for k, (b, a) in errors.items()}
+        record = {"damping": cfg.refit, "rows": rows, "error": errors}
+        write_text_atomic(ctx.out / "refit.json", json.dumps(record, indent=2) + "\n")
 
 
 def _finish_run(

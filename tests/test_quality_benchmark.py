@@ -58,7 +58,7 @@ def test_quality_benchmark_runs_every_variant(tiny_source, data_dir, tmp_path):
 
     assert prune_cfg("importance")["freeze_masks"] == 1.0 and prune_cfg("importance")["search_steps"] == 0
     # shear's default refits its choice; the one-shot baseline and the learned masks do not
-    assert prune_cfg("importance")["refit"] == 0.3
+    assert (prune_cfg("importance")["refit"], prune_cfg("importance")["refit_sequences"]) == (0.3, 128)
     assert prune_cfg("one-shot")["refit"] == prune_cfg("joint")["refit"] == prune_cfg("paper")["refit"] == 0.0
     assert prune_cfg("joint")["freeze_masks"] == 0.5
     assert prune_cfg("search")["search_steps"] == 40 and prune_cfg("one-shot")["search_steps"] == 0

@@ -133,16 +133,22 @@ def test_refit_needs_a_choice_that_no_longer_changes():
         PruneConfig(**base, refit=0.3, freeze_masks=1.0, init="uniform").check()
     with pytest.raises(ShearError, match="refit"):
         PruneConfig(**base, refit=-1.0, freeze_masks=1.0).check()
+    with pytest.raises(ShearError, match="refit_sequences must be positive"):
+        PruneConfig(**base, refit=0.3, freeze_masks=1.0, refit_sequences=0).check()
 
 
 def test_one_shot_with_refit_exports_the_refitted_model(tiny_source, data_dir, tmp_path):
     """`shear prune --one-shot --refit`: the export is the refitted masked model, not the cut, and
     the reconstruction errors (below the cut's) are recorded."""
     prune_tiny(tiny_source, data_dir, tmp_path / "cut", steps=0)
-    prune_tiny(tiny_source, data_dir, tmp_path / "refit", steps=0, refit=DAMPING)
+    prune_tiny(tiny_source, data_dir, tmp_path / "refit", steps=0, refit=DAMPING, refit_sequences=12)
     out = tmp_path / "refit"
     record = json.loads((out / "refit.json").read_text())
     assert record["damping"] == DAMPING and len(record["error"]) == 7 * 2  # 2 kept layers
+    # the refit's 12 rows start with the importance's 8
+    importance = json.loads((out / "calibration.json").read_text())
+    assert sum(map(len, record["rows"].values())) == 12
+    assert all(record["rows"][d][: len(r)] == r for d, r in importance.items())
     assert all(e["refit"] <= e["cut"] for e in record["error"].values())
     evals = json.loads((out / "evals.json").read_text())
     assert evals["exported"] == pytest.approx(evals["masked"], abs=1e-4)
