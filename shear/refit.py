@@ -129,16 +129,15 @@ def refit_pruned(
         over the calibration tokens, with the cut weights and with the refitted ones, by the
         pruned model's parameter name.
     """
-    src_name = {id(p): n for n, p in source.named_parameters()}
     by_name = {s.name: s for s in plan}
     src_layers, new_layers = source.base_model.layers, pruned.base_model.layers
+    src_index = {id(layer.self_attn.q_proj.weight): i for i, layer in enumerate(src_layers)}
     kept: dict[int, int] = {}  # source layer -> pruned layer
     for new in range(len(new_layers)):
         spec = by_name.get(f"model.layers.{new}.self_attn.q_proj.weight")
-        name = src_name.get(id(spec.src)) if spec is not None else None
-        if name is None:
+        if spec is None or id(spec.src) not in src_index:
             raise ShearError("the plan does not gather the pruned model's layers from this source")
-        kept[int(name.split(".")[2])] = new
+        kept[src_index[id(spec.src)]] = new
     errors: dict[str, tuple[float, float]] = {}
     was = source.training, pruned.training
     source.eval(), pruned.eval()
@@ -147,16 +146,16 @@ def refit_pruned(
         h_new = _first_layer_inputs(pruned, input_ids, batch_size)
         for old, layer in enumerate(src_layers):
             if old in kept:
-                names = [n for stage in STAGES for n in stage]
-                u_src = _inputs_of(layer, names, h_src, stop=False)
+                u_src = _inputs_of(layer, [stage[0] for stage in STAGES], h_src, stop=False)
                 new_layer = new_layers[kept[old]]
                 for stage in STAGES:
                     u_new = _inputs_of(new_layer, stage[:1], h_new, stop=True)[stage[0]]
+                    stats = _gram(u_src[stage[0]], u_new)  # shared by the stage's linears
                     for n in stage:
                         key = f"model.layers.{kept[old]}.{n}.weight"
                         errors[key] = _refit_one(
                             new_layer.get_submodule(n), layer.get_submodule(n), by_name[key].rows,
-                            u_src[n], u_new, damping,
+                            stats, u_src[stage[0]], u_new, damping,
                         )  # fmt: skip
                 h_new = [(_run_layer(new_layer, h, kw), kw) for h, kw in h_new]
             h_src = [(_run_layer(layer, h, kw), kw) for h, kw in h_src]
@@ -165,28 +164,36 @@ def refit_pruned(
     return errors
 
 
+def _gram(u_src: list, u_new: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """``G = sum u_new u_new^T`` and ``C = sum u_src u_new^T`` over the chunks, in float64."""
+    g = c = 0
+    for a, b in zip(u_src, u_new, strict=True):
+        a, b = a.double(), b.double()
+        g = g + b.T @ b
+        c = c + a.T @ b
+    return g, c
+
+
 def _refit_one(
-    lin: nn.Linear, src_lin: nn.Linear, rows: torch.Tensor | None, u_src: list, u_new: list, damping: float
+    lin: nn.Linear,
+    src_lin: nn.Linear,
+    rows: torch.Tensor | None,
+    stats: tuple[torch.Tensor, torch.Tensor],
+    u_src: list,
+    u_new: list,
+    damping: float,
 ) -> tuple[float, float]:
-    """Set ``lin.weight`` to the least-squares fit; the relative errors before and after it."""
+    """Set ``lin.weight`` to the damped least-squares fit; the relative errors before and after it."""
     w = src_lin.weight.detach().double()
     if rows is not None:
         w = w[rows.to(w.device)]
-    d = lin.weight.shape[1]
-    g = torch.zeros(d, d, dtype=torch.float64, device=w.device)
-    c = torch.zeros(w.shape[1], d, dtype=torch.float64, device=w.device)
-    for a, b in zip(u_src, u_new, strict=True):
-        a, b = a.double(), b.double()
-        g += b.T @ b
-        c += a.T @ b
-    lam = damping * g.diagonal().mean().clamp_min(1e-12)
-    g += torch.eye(d, dtype=g.dtype, device=g.device) * lam
+    g, c = stats
     cut = lin.weight.detach().double()
-    fit = torch.linalg.solve(g, (w @ c + lam * cut).T).T  # g is symmetric
-    before, after = _relative_error(w, lin.weight.detach().double(), u_src, u_new), None
+    lam = damping * g.diagonal().mean().clamp_min(1e-12)
+    eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+    fit = torch.linalg.solve(g + lam * eye, (w @ c + lam * cut).T).T  # G is symmetric
     lin.weight.copy_(fit.to(lin.weight.dtype))
-    after = _relative_error(w, fit, u_src, u_new)
-    return before, after
+    return _relative_error(w, cut, u_src, u_new), _relative_error(w, fit, u_src, u_new)
 
 
 def _relative_error(w: torch.Tensor, fit: torch.Tensor, u_src: list, u_new: list) -> float:
