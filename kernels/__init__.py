@@ -8,3 +8,24 @@ training objective). ``heuristics`` holds every block size / warps / stages choi
 ``aot`` compiles every launch for sm_80 and sm_90 without a GPU and checks it. The
 plain-PyTorch oracle these kernels must reproduce lives in :mod:`shear.ops`.
 """
+
+import sys
+
+if __name__ == "kernels":
+    # Python puts the working directory first on sys.path (`python -c`, `python -m`, a notebook),
+    # so from the checkout's root this folder is found as a top-level ``kernels``. That name
+    # belongs to Hugging Face's kernels package, which transformers and setuptools import: load
+    # the next ``kernels`` on the path in this module's place, or fail as if the folder were absent.
+    import importlib.machinery
+    import importlib.util
+    import os
+
+    _checkout = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    _path = [p for p in sys.path if isinstance(p, str) and os.path.realpath(p or os.curdir) != _checkout]
+    _spec = importlib.machinery.PathFinder.find_spec(__name__, _path)
+    if _spec is None:
+        raise ModuleNotFoundError(f"No module named {__name__!r}", name=__name__)
+    _module = importlib.util.module_from_spec(_spec)
+    sys.modules[__name__] = _module  # the import statement returns what sys.modules holds
+    if _spec.loader is not None:
+        _spec.loader.exec_module(_module)
