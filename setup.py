@@ -1,7 +1,8 @@
 """Install shear. The top-level ``kernels/`` folder installs as ``shear.kernels``.
 
 Install torch first (``pip install torch==2.13.0``, or the CUDA build on a GPU machine),
-then ``pip install --no-build-isolation -e ".[dev]"`` so that nothing pulls another torch.
+then ``pip install -c constraints.txt --no-build-isolation -e ".[dev]"`` so that nothing pulls another
+torch (constraints.txt pins the versions the suite was tested with).
 
 The C++ gather extension (``csrc/gather.cpp``, module ``shear._gather``) is compiled here
 when torch is importable and a C++ compiler works (ninja is used when it is on PATH). If
@@ -83,9 +84,11 @@ setup(
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
     package_data={"shear": ["py.typed"], "shear.csrc": ["*.cpp"]},
+    # Lower bounds only: the tested versions are pinned in constraints.txt, which the README's
+    # commands and CI install with; a user who brings newer releases is not blocked.
     install_requires=[
-        "torch",
-        "triton",
+        "torch>=2.6",  # FSDP2's public fully_shard
+        "triton>=3.6",  # the oldest Triton the kernels are compiled with
         "numpy",
         "transformers>=5",
         "datasets",

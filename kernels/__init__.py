@@ -13,15 +13,22 @@ import sys
 
 if __name__ == "kernels":
     # Python puts the working directory first on sys.path (`python -c`, `python -m`, a notebook),
-    # so from the checkout's root this folder is found as a top-level ``kernels``. That name
-    # belongs to Hugging Face's kernels package, which transformers and setuptools import: load
-    # the next ``kernels`` on the path in this module's place, or fail as if the folder were absent.
+    # so from a checkout's root this folder is found as a top-level ``kernels``. That name belongs
+    # to Hugging Face's kernels package, which transformers and setuptools import: load the next
+    # ``kernels`` on the path in this module's place, or fail as if the folder were absent.
     import importlib.machinery
     import importlib.util
     import os
 
-    _checkout = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
-    _path = [p for p in sys.path if isinstance(p, str) and os.path.realpath(p or os.curdir) != _checkout]
+    def _is_shear_checkout(entry: str) -> bool:
+        init = os.path.join(entry or os.curdir, "kernels", "__init__.py")
+        try:
+            with open(init, encoding="utf-8") as f:
+                return f.read(len(__doc__) + 3).startswith('"""' + __doc__.split("\n")[0])
+        except OSError:
+            return False
+
+    _path = [p for p in sys.path if isinstance(p, str) and not _is_shear_checkout(p)]
     _spec = importlib.machinery.PathFinder.find_spec(__name__, _path)
     if _spec is None:
         raise ModuleNotFoundError(f"No module named {__name__!r}", name=__name__)
