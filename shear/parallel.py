@@ -12,6 +12,8 @@
   the model on the meta device and receive their shards by broadcast
   (:func:`~torch.distributed.checkpoint.state_dict.set_model_state_dict`), so no rank but 0
   ever holds a full copy. Checkpoints are sharded (:mod:`torch.distributed.checkpoint`).
+  A distillation teacher is sharded the same way (:meth:`Parallel.shard_frozen`), frozen:
+  no gradients, no optimiser state.
 * ``auto``: FSDP when :mod:`shear.plan` says DDP does not fit the device's memory, else DDP.
 
 With one process there is nothing to distribute: the model trains as it is (an ``fsdp`` run

@@ -206,6 +206,26 @@ def test_fsdp_train_with_activation_checkpointing_matches_one_process(tiny_mha, 
     assert config["architectures"] == ["LlamaForCausalLM"]
 
 
+@pytest.mark.slow
+def test_fsdp_train_with_distillation_matches_one_process(tiny_mha, tiny_source, data_dir, tmp_path):
+    """shear train: an untied student (hidden 48) taught by a tied teacher of another width
+    (hidden 64), both sharded; the saved model equals one process's."""
+    from safetensors.torch import load_file
+
+    options = dict(model=tiny_mha, data=data_dir, steps=2, batch_size=4, grad_accum=2, seq_len=32,
+                   dynamic=False, eval_interval=2, checkpoint_interval=2, lr_weights=1e-3, distill_weight=0.7,
+                   distill_temperature=1.5, teacher=tiny_source)  # fmt: skip
+    run_train(TrainConfig(**options, out=str(tmp_path / "one"), strategy="ddp"))
+    err = _torchrun(tmp_path, "train", dict(options, out=str(tmp_path / "fsdp"), strategy="fsdp"), 29667)
+    assert "sharded over 2 ranks" in err
+    a, b = _steps(tmp_path / "one"), _steps(tmp_path / "fsdp")
+    assert [y["loss"] for y in b] == pytest.approx([x["loss"] for x in a], rel=1e-5)
+    one = load_file(tmp_path / "one" / "model" / "model.safetensors")
+    fsdp = load_file(tmp_path / "fsdp" / "model" / "model.safetensors")
+    for k, v in one.items():
+        torch.testing.assert_close(fsdp[k], v, rtol=1e-4, atol=5e-5)
+
+
 def test_auto_strategy_follows_the_planner(tiny_source, data_dir, tmp_path, monkeypatch):
     from shear import plan
     from shear.trainer import resolve_run_strategy
