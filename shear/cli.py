@@ -152,7 +152,8 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
     strategies = ("ddp", "fsdp") if args.strategy == "both" else (args.strategy,)
     plans = {
         s: plan_memory(source, target, args.world_size, args.batch, args.seq_len, s,
-                       args.activation_checkpointing, args.distill, gpu=not args.cpu)
+                       args.activation_checkpointing, args.distill, gpu=not args.cpu,
+                       grad_accum=args.grad_accum, refit_sequences=args.refit_sequences)
         for s in strategies
     }  # fmt: skip
     return {
@@ -162,8 +163,10 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
         "world_size": args.world_size,
         "batch": args.batch,
         "seq_len": args.seq_len,
+        "grad_accum": args.grad_accum,
         "activation_checkpointing": args.activation_checkpointing,
         "distill": args.distill,
+        "refit_sequences": args.refit_sequences if target else 0,
         "device_memory": device,
         "plans": {s: {**p.summary(), "fits": p.fits(device)} for s, p in plans.items()},
         "_plans": plans,
@@ -181,8 +184,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     target = f" -> {r['target_params'] / 1e9:.2f}B" if r["target_params"] else ""
     print(
         f"{args.model}: {r['source_params'] / 1e9:.2f}B parameters{target}; {args.world_size} ranks, "
-        f"micro-batch {args.batch} x {args.seq_len} tokens (global), activation checkpointing "
-        f"{'on' if args.activation_checkpointing else 'off'}{', distillation' if args.distill else ''}"
+        f"micro-batch {args.batch} x {args.seq_len} tokens (global) x {args.grad_accum} per step, "
+        f"activation checkpointing {'on' if args.activation_checkpointing else 'off'}"
+        f"{', distillation' if args.distill else ''}"
+        + (f", refit on {r['refit_sequences']} sequences" if r["refit_sequences"] else "")
     )
     print(format_plans(plans, r["device_memory"]))
     return 0
@@ -787,9 +792,12 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--world-size", type=int, default=1, help="number of ranks (default: 1)")
     pl.add_argument("--batch", type=int, default=4, help="sequences per micro-batch, global (default: 4)")
     pl.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence (default: 4096)")
+    pl.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step (default: 1)")
     pl.add_argument("--strategy", choices=("ddp", "fsdp", "both"), default="both", help="default: both")
     pl.add_argument("--activation-checkpointing", action="store_true", help="recompute layers in backward")
     pl.add_argument("--distill", action="store_true", help="a teacher (the source) beside the student")
+    refit_help = "the refit at the cut on N sequences (with --target; default: 0, no refit)"
+    pl.add_argument("--refit-sequences", type=int, default=0, metavar="N", help=refit_help)
     pl.add_argument("--device-memory", default="80GB", help="memory per device, e.g. 80GB (default: 80GB)")
     pl.add_argument("--cpu", action="store_true", help="plan a CPU run (fp32 compute) instead of a GPU run")
     pl.add_argument("--json", action="store_true", help="print one JSON object")

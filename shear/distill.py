@@ -9,10 +9,16 @@ over the same next-token positions as the LM loss (``T``: ``--distill-temperatur
 temperature). ``A = 0`` (the default) leaves the objective exactly Hugging Face's LM loss.
 
 The loss is computed from the final hidden states by the fused linear-KL op
-(:func:`shear.dispatch.linear_kl`: Triton on CUDA, chunked PyTorch on CPU), so neither
-model's ``[tokens, vocabulary]`` logits are ever held: the student runs its decoder
-(``model.base_model``, whose pre-hook samples the masks while pruning, and whose final
-norm applies the hidden mask) and the loss applies its LM head weight.
+(:func:`shear.dispatch.linear_kl`: Triton on CUDA, the chunked PyTorch reference op on CPU),
+so neither model's ``[tokens, vocabulary]`` logits are ever held: each model runs its own
+forward with its LM head on the last position only (``logits_to_keep=1``), a hook keeps its
+decoder's output (``model.base_model``, whose pre-hook samples the masks while pruning, and
+whose final norm applies the hidden mask), and the loss applies the LM head weights.
+Going through the model's own forward, not its decoder's, is what makes this work under
+FSDP: the root's hooks gather the embedding, final norm and LM head, and the root keeps
+them gathered after its forward (:meth:`shear.parallel.Parallel.shard`), so the loss sees
+the whole LM head weights and the student's head gradient is reduce-scattered in its
+backward like any other.
 
 The teacher (pruning: a frozen copy of the source as loaded, unless ``--teacher``; training:
 ``--teacher``, else the source recorded in the pruned export's ``shear_export.json``) runs
@@ -20,7 +26,9 @@ in eval mode under ``torch.no_grad`` in the training dtype (bf16 when the run au
 bf16), its parameters frozen. It is held by a plain object, not a submodule, so it is
 outside the optimiser, DDP and every checkpoint; a resume rebuilds it from the options, and
 its forward pass draws no random numbers, so resume stays exact. Under ``torchrun`` each
-rank runs it on the rank's own slice of the batch.
+rank runs it on the rank's own slice of the batch; under FSDP it is sharded as the student
+is (read on rank 0, broadcast into the shards, gathered a layer at a time), with no
+gradients and no optimiser state, and its gathered root is freed once the loss is computed.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from torch import nn
 from shear import dispatch
 from shear.errors import ShearError
 from shear.ops.linear_kl import IGNORE_INDEX
+from shear.parallel import release_gathered
 
 #: The export record that names a pruned model's source (written by ``shear prune``).
 EXPORT_RECORD = "shear_export.json"
@@ -64,15 +73,41 @@ class Distiller:
         Returns:
             The scalar loss, differentiable in the student's parameters (and masks).
         """
-        hidden = model.base_model(input_ids, use_cache=False).last_hidden_state
+        hidden = final_hidden(model, input_ids)
         with torch.no_grad():
-            teacher_hidden = self.teacher.base_model(input_ids, use_cache=False).last_hidden_state
+            teacher_hidden = final_hidden(self.teacher, input_ids)
         # Hugging Face's causal LM loss: position i predicts token i + 1; the last predicts nothing
         labels = torch.cat([input_ids[:, 1:], input_ids.new_full((input_ids.shape[0], 1), IGNORE_INDEX)], 1)
-        return dispatch.linear_kl(
-            hidden, lm_head_weight(model), teacher_hidden, lm_head_weight(self.teacher), labels,
-            self.temperature, self.weight,
-        )  # fmt: skip
+        try:
+            return dispatch.linear_kl(
+                hidden, lm_head_weight(model), teacher_hidden, lm_head_weight(self.teacher), labels,
+                self.temperature, self.weight,
+            )  # fmt: skip
+        finally:  # FSDP: the teacher has no backward to free its gathered root
+            release_gathered(self.teacher)
+
+
+def final_hidden(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """The decoder's output (after the final norm) on ``input_ids``, from the whole model's
+    forward with its LM head on the last position only (see the module docstring: under FSDP
+    this leaves the LM head weight gathered).
+
+    Args:
+        model: a Hugging Face causal LM (masked or not, sharded or not).
+        input_ids: ``[batch, seq]`` token ids.
+
+    Returns:
+        ``[batch, seq, hidden]``.
+    """
+    seen: list[torch.Tensor] = []
+    hook = model.base_model.register_forward_hook(
+        lambda module, args, out: seen.append(out.last_hidden_state)
+    )
+    try:
+        model(input_ids, use_cache=False, logits_to_keep=1)
+    finally:
+        hook.remove()
+    return seen[0]
 
 
 def lm_loss(model: nn.Module, input_ids: torch.Tensor, distiller: Distiller | None) -> torch.Tensor:
@@ -120,7 +155,9 @@ def build_distiller(cfg: Any, ctx: Any, student: nn.Module, copy_student: bool) 
     The teacher: ``cfg.teacher`` if given; else, with ``copy_student``, a frozen copy of
     ``student`` (pruning: the source as loaded, before masks or a checkpoint touch it); else
     the source recorded in the export ``cfg.model`` (training a pruned model). Its size is
-    reported on stderr.
+    reported on stderr. Under FSDP the teacher is read again (rank 0 reads, the others
+    receive their shards) and sharded (:meth:`shear.parallel.Parallel.shard_frozen`) rather
+    than copied from the sharded student.
 
     Args:
         cfg: the run's :class:`~shear.trainer.TrainConfig`.
@@ -129,21 +166,19 @@ def build_distiller(cfg: Any, ctx: Any, student: nn.Module, copy_student: bool) 
         copy_student: without ``--teacher``, copy ``student`` (pruning).
 
     Raises:
-        ShearError: no teacher can be found, its vocabulary differs from the student's, or
-            the run is sharded (FSDP).
+        ShearError: no teacher can be found, or its vocabulary differs from the student's.
     """
     if cfg.distill_weight == 0:
         return None
-    parallel = getattr(ctx, "parallel", None)
-    if parallel is not None and parallel.sharded:
-        # the loss reads the LM head's weight outside its forward, where FSDP holds only a shard
-        raise ShearError("--distill-weight does not work with a sharded (FSDP) run yet: pass --strategy ddp")
     from shear.loading import load_source  # transformers import
 
+    parallel = getattr(ctx, "parallel", None)
+    sharded = parallel is not None and parallel.sharded
     dtype = ctx.compute_dtype
     name = cfg.teacher
     if name is None and copy_student:
-        teacher, name = copy.deepcopy(student), f"{cfg.model} (a frozen copy of the source)"
+        name = f"{cfg.model} (a frozen copy of the source)"
+        teacher = parallel.load(cfg.model)[0] if sharded else copy.deepcopy(student)
     else:
         name = name or recorded_source(cfg.model)
         if name is None:
@@ -151,17 +186,22 @@ def build_distiller(cfg: Any, ctx: Any, student: nn.Module, copy_student: bool) 
                 f"--distill-weight {cfg.distill_weight} needs a teacher: give --teacher MODEL ({cfg.model} "
                 f"records no source model in {EXPORT_RECORD})"
             )
-        teacher, _ = load_source(name, device=ctx.device)
+        teacher = parallel.load(name)[0] if sharded else load_source(name, device=ctx.device)[0]
     mine, theirs = lm_head_weight(student).shape[0], lm_head_weight(teacher).shape[0]
     if mine != theirs:
         raise ShearError(f"teacher {name}: its vocabulary ({theirs}) differs from the student's ({mine})")
-    teacher = teacher.to(device=ctx.device, dtype=dtype)
+    if sharded:  # rank 0's host copy in the compute dtype, then its shards on the device
+        teacher = parallel.shard_frozen(teacher.to(dtype=dtype))
+    else:
+        teacher = teacher.to(device=ctx.device, dtype=dtype)
     distiller = Distiller(teacher, cfg.distill_weight, cfg.distill_temperature)
     n = sum(p.numel() for p in teacher.parameters())
     size = sum(p.numel() * p.element_size() for p in teacher.parameters())
     ctx.say(
         f"distillation: teacher {name}, {n / 1e6:.1f} M parameters, {size / 2**20:.0f} MiB in "
-        f"{str(dtype).removeprefix('torch.')} on {ctx.device}; weight {cfg.distill_weight}, "
+        f"{str(dtype).removeprefix('torch.')} on {ctx.device}"
+        + (f", sharded over {parallel.world} ranks" if sharded else "")
+        + f"; weight {cfg.distill_weight}, "
         f"temperature {cfg.distill_temperature}"
     )
     return distiller

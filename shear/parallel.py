@@ -12,6 +12,8 @@
   the model on the meta device and receive their shards by broadcast
   (:func:`~torch.distributed.checkpoint.state_dict.set_model_state_dict`), so no rank but 0
   ever holds a full copy. Checkpoints are sharded (:mod:`torch.distributed.checkpoint`).
+  A distillation teacher is sharded the same way (:meth:`Parallel.shard_frozen`), frozen:
+  no gradients, no optimiser state.
 * ``auto``: FSDP when :mod:`shear.plan` says DDP does not fit the device's memory, else DDP.
 
 With one process there is nothing to distribute: the model trains as it is (an ``fsdp`` run
@@ -107,15 +109,38 @@ class Parallel:
             model.activation_checkpointing_enable({"use_reentrant": False})
         if not self.sharded:
             return model
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        return self._fully_shard(model, {"mp_policy": policy} if self.bf16 else {})
+
+    def shard_frozen(self, model: nn.Module) -> nn.Module:
+        """Freeze a loaded model that only runs forward (the distillation teacher) and, under
+        FSDP, shard it as :meth:`shard` does: its weights, in the dtype they are in, are split
+        over the ranks and gathered a layer at a time; it has no gradients and no optimiser state.
+
+        Returns:
+            The same model object, in eval mode.
+        """
+        model.eval().requires_grad_(False)  # before sharding: FSDP's gathered parameters copy the flag
+        return self._fully_shard(model, {}) if self.sharded else model
+
+    def _fully_shard(self, model: nn.Module, options: dict[str, Any]) -> nn.Module:
+        """``fully_shard`` on each decoder layer and on the root, then rank 0's weights and
+        buffers broadcast into every rank's shards (see :meth:`load`).
+
+        The root keeps its parameters (embedding, final norm, LM head) gathered after its
+        forward (``reshard_after_forward=False``, FSDP2's default for a root, made explicit):
+        the distillation loss reads the whole LM head weight after the model's forward
+        (:mod:`shear.distill`); the backward frees them.
+        """
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import fully_shard
 
         full = model.state_dict() if self.main else {}  # rank 0's one host copy, kept until set
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        options = {"mp_policy": policy} if self.bf16 else {}
         for layer in model.base_model.layers:
             fully_shard(layer, **options)
-        fully_shard(model, **options)
+        fully_shard(model, reshard_after_forward=False, **options)
         if not self.main:
             model.to_empty(device=self.device)
         set_model_state_dict(
@@ -197,13 +222,8 @@ class Parallel:
         """Free the gathered parameters a forward without backward (an evaluation) leaves on
         the root, so the model's parameters are the sharded ones again (which the optimiser
         and the checkpoints refer to)."""
-        if not self.sharded:
-            return
-        from torch.distributed.fsdp import FSDPModule
-
-        for m in model.modules():
-            if isinstance(m, FSDPModule):
-                m.reshard()
+        if self.sharded:
+            release_gathered(model)
 
     def gather_objects(self, obj: Any) -> list[Any]:
         """Every rank's ``obj``, in rank order (on every rank)."""
@@ -253,6 +273,16 @@ class Parallel:
                 raise write_failed(f"the checkpoint shards to {final}", e, kept) from e
             raise
         return final
+
+
+def release_gathered(model: nn.Module) -> None:
+    """Free the parameters FSDP keeps gathered in ``model`` (the root's, after a forward); a
+    model that is not sharded is left as it is."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 def full_model(model: nn.Module) -> nn.Module | None:

@@ -7,16 +7,32 @@ holds at its peak, in bytes:
   parameters in flight (FSDP: the root's embedding / LM head / final norm, and two decoder
   layers, the one computing and the one prefetched; in bf16 on GPU, fp32 on CPU);
 * gradients: fp32, the same split (FSDP: plus the unsharded gradients of the parameters in
-  flight, before they are reduce-scattered);
+  flight, before they are reduce-scattered). FSDP with ``--grad-accum`` > 1 reduces only on
+  the last micro-batch: until then every rank keeps the unsharded fp32 gradients of the
+  whole model (FSDP2 accumulates them in the reduce dtype), 4 bytes per parameter;
 * optimiser: AdamW's two fp32 moments, the same split;
 * activations: what one micro-batch keeps for the backward pass, per token and layer
   (the norms' inputs and outputs, q/k/v before and after RoPE, the attention output, the
   MLP's gate, up, activation and product, and the masked outputs); with activation
   checkpointing only each layer's input plus one layer's recomputation; and the logits
-  with the loss's fp32 copies;
+  with the loss's fp32 copies (with ``--distill``, the fused linear-KL loss holds no
+  logits: both models' final hidden states, one chunk of both models' logits with the
+  reference op's fp32 work buffers on CPU, and the LM head's fp32 gradient);
 * masks: log_alpha, the multipliers, their gradients and AdamW state (replicated);
-* teacher (``--distill``): the unpruned source in the compute dtype, replicated (DDP) or
-  sharded (FSDP), and its logits.
+* teacher (``--distill``): the unpruned source's weights in the compute dtype, replicated
+  (DDP) or sharded with the parameters in flight gathered (FSDP); no gradients, no
+  optimiser state;
+* refit (``--refit``): the least-squares refit at the cut runs before the first step,
+  when there are no gradients, no optimiser state and no training activations yet. It
+  holds the float64 statistics of the largest group of linears that share an input
+  (``G = d x d`` over the pruned inputs, ``C = D x d``, ``A = D x D`` over the source's;
+  for down_proj the widths are the MLP's), the dense pruned model (fp32, on every rank),
+  the inputs of the layer being refitted for the rank's share of the refit sequences
+  (source and pruned hidden states, fp32) and one chunk of activations: one micro-batch
+  per rank (``--batch-size / N`` sequences) through a source and a pruned layer (fp32, no
+  autograd) with the group's inputs in float64. The total is the larger of the two phases:
+  weights, masks and teacher plus either training's gradients, optimiser state and
+  activations, or the refit.
 
 Each run logs its measured peak (CUDA max allocated on GPU; on CPU the peak resident set
 above what the process held before the model loaded) next to this figure
@@ -54,11 +70,15 @@ class MemoryPlan:
     activations: int
     masks: int
     teacher: int
+    refit: int = 0
 
     @property
     def total(self) -> int:
-        """The sum of the parts."""
-        return self.weights + self.gradients + self.optimizer + self.activations + self.masks + self.teacher
+        """The peak of the two phases: what every phase holds (weights, masks, teacher) plus
+        the larger of training's gradients, optimiser state and activations and the refit's
+        working memory (the refit ends before the first step)."""
+        training = self.gradients + self.optimizer + self.activations
+        return self.weights + self.masks + self.teacher + max(training, self.refit)
 
     def fits(self, device_bytes: int) -> bool:
         """Whether the plan fits :data:`USABLE_FRACTION` of ``device_bytes``."""
@@ -73,22 +93,63 @@ def _layer_params(arch: Arch) -> int:
     return arch.attention_params() + arch.mlp_params() + 2 * arch.hidden
 
 
-def _activation_bytes(arch: Arch, tokens: int, act_bytes: int, checkpointing: bool, masked: bool) -> int:
-    """Bytes one micro-batch of ``tokens`` tokens keeps for its backward pass."""
+def _layer_activations(arch: Arch, masked: bool) -> int:
+    """Values one decoder layer keeps per token for its backward pass."""
     h, i = arch.hidden, arch.intermediate
     q, kv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
-    # per token, one layer: two norms (input and output: 4h), q/k/v before and after RoPE
-    # (2q + 4kv), the attention output and o_proj's input (2q), two residual sums (2h), the
-    # MLP's gate, up, silu(gate) and product (4i); masking adds the masked o_proj / MLP
-    # outputs and the hidden-masked norms' outputs (3h)
-    per_layer = 6 * h + 4 * q + 4 * kv + 4 * i + (3 * h if masked else 0)
+    # two norms (input and output: 4h), q/k/v before and after RoPE (2q + 4kv), the attention
+    # output and o_proj's input (2q), two residual sums (2h), the MLP's gate, up, silu(gate)
+    # and product (4i); masking adds the masked o_proj / MLP outputs and the hidden-masked
+    # norms' outputs (3h)
+    return 6 * h + 4 * q + 4 * kv + 4 * i + (3 * h if masked else 0)
+
+
+def _activation_bytes(
+    arch: Arch, tokens: int, act_bytes: int, checkpointing: bool, masked: bool, distill: bool, gpu: bool
+) -> int:
+    """Bytes one micro-batch of ``tokens`` tokens keeps for its backward pass."""
+    per_layer = _layer_activations(arch, masked)
     if checkpointing:  # each layer's input, and one layer recomputed at a time
-        layers = arch.layers * h + per_layer
+        layers = arch.layers * arch.hidden + per_layer
     else:
         layers = arch.layers * per_layer
-    # the logits in the compute dtype, their fp32 copy and the loss's fp32 log-softmax
-    logits = arch.vocab * (act_bytes + 8)
-    return tokens * (layers * act_bytes + logits)
+    if not distill:  # the logits in the compute dtype, their fp32 copy and the loss's fp32 log-softmax
+        return tokens * (layers * act_bytes + arch.vocab * (act_bytes + 8))
+    return tokens * layers * act_bytes + _linear_kl_bytes(arch, tokens, act_bytes, gpu)
+
+
+def _linear_kl_bytes(arch: Arch, tokens: int, act_bytes: int, gpu: bool) -> int:
+    """The fused linear-KL loss (:mod:`shear.ops.linear_kl`): both models' final hidden states
+    and the student's gradient of them, one chunk of both models' logits in the compute dtype
+    and the LM head's fp32 gradient. On CPU the reference op's row work adds four fp32
+    buffers the size of the chunk's logits; on GPU the Triton kernel works in place, but
+    each chunk's 16-bit head gradient is added to the fp32 one through an fp32 copy."""
+    from shear.ops.linear_kl import default_chunk
+
+    chunk = default_chunk(tokens, arch.vocab, arch.hidden)
+    hidden = tokens * arch.hidden * (2 * act_bytes + 4)
+    logits = chunk * arch.vocab * (2 * act_bytes + (0 if gpu else 16))
+    head = arch.vocab * arch.hidden * (4 + (act_bytes + 4 if gpu else 0))
+    return hidden + logits + head
+
+
+def _refit_bytes(source: Arch, target: Arch, sequences: int, chunk: int, seq_len: int) -> int:
+    """The refit's working memory on one rank (see the module docstring).
+
+    Args:
+        sequences: the rank's share of the refit sequences.
+        chunk: sequences per forward pass on the rank.
+    """
+    widths = (  # (source, pruned) input widths of each group of linears that share an input
+        (source.hidden, target.hidden),  # q/k/v, and gate/up
+        (source.heads * source.head_dim, target.heads * target.head_dim),  # o_proj
+        (source.intermediate, target.intermediate),  # down_proj
+    )
+    stats = max(8 * (d * d + big * d + big * big) for big, d in widths)
+    inputs = sequences * seq_len * (source.hidden + target.hidden) * 4
+    per_token = 4 * (_layer_activations(source, False) + _layer_activations(target, False))
+    per_token += 8 * max(big + d for big, d in widths)  # the group's inputs in float64
+    return stats + 4 * target.total_params() + inputs + chunk * seq_len * per_token
 
 
 def plan_memory(
@@ -101,6 +162,8 @@ def plan_memory(
     checkpointing: bool = False,
     distill: bool = False,
     gpu: bool = True,
+    grad_accum: int = 1,
+    refit_sequences: int = 0,
 ) -> MemoryPlan:
     """Per-rank peak memory of a run (see the module docstring).
 
@@ -114,17 +177,23 @@ def plan_memory(
         checkpointing: activation checkpointing per decoder layer.
         distill: a teacher (the unpruned source) runs beside the student.
         gpu: bf16 compute and FSDP's bf16 gathered parameters (GPU); fp32 on CPU.
+        grad_accum: micro-batches per optimiser step.
+        refit_sequences: calibration sequences of the refit at the cut (global; 0: no refit,
+            and none without a target).
 
     Returns:
         The plan.
     """
     if strategy not in ("ddp", "fsdp"):
         raise ShearError(f"the planner knows ddp and fsdp, not {strategy!r}")
-    if world < 1 or batch < 1 or seq_len < 1:
-        raise ShearError("world size, batch and sequence length must be positive")
+    if min(world, batch, seq_len, grad_accum) < 1 or refit_sequences < 0:
+        raise ShearError(
+            "world size, batch, sequence length and grad-accum must be positive, refit sequences >= 0"
+        )
     params = source.total_params()
     act_bytes = 2 if gpu else 4
-    tokens = -(-batch // world) * seq_len
+    per_rank = -(-batch // world)
+    tokens = per_rank * seq_len
     masks = 0
     if target is not None:
         units = sum(math.prod(s.shape) for s in plan_masks(source, target))
@@ -137,12 +206,16 @@ def plan_memory(
         in_flight = source.embedding_params() + source.hidden + 2 * _layer_params(source)
         weights = 4 * params // world + act_bytes * in_flight
         gradients = 4 * params // world + act_bytes * in_flight  # unsharded until reduce-scattered
+        if grad_accum > 1 and world > 1:  # no reduce-scatter before the last micro-batch
+            gradients = 4 * params + act_bytes * in_flight
         optimizer = 8 * params // world
         teacher = act_bytes * (params // world + in_flight) if distill else 0
-    activations = _activation_bytes(source, tokens, act_bytes, checkpointing, target is not None)
-    if distill:  # the teacher's logits and their fp32 softmax
-        activations += tokens * source.vocab * (act_bytes + 4)
-    return MemoryPlan(strategy, weights, gradients, optimizer, activations, masks, teacher)
+    masked = target is not None
+    activations = _activation_bytes(source, tokens, act_bytes, checkpointing, masked, distill, gpu)
+    refit = 0
+    if target is not None and refit_sequences:
+        refit = _refit_bytes(source, target, -(-refit_sequences // world), per_rank, seq_len)
+    return MemoryPlan(strategy, weights, gradients, optimizer, activations, masks, teacher, refit)
 
 
 def parse_memory(text: str) -> int:
@@ -175,10 +248,18 @@ def run_plans(cfg: Any, world: int, device: torch.device) -> dict[str, MemoryPla
     return {
         s: plan_memory(
             source, target, world, cfg.batch_size, cfg.seq_len, s, cfg.activation_checkpointing,
-            bool(getattr(cfg, "distill", False)), device.type == "cuda",
+            cfg.distill_weight > 0, device.type == "cuda", cfg.grad_accum, refit_sequences(cfg),
         )
         for s in ("ddp", "fsdp")
     }  # fmt: skip
+
+
+def refit_sequences(cfg: Any) -> int:
+    """The sequences a run's refit at the cut reads (0: it does not refit, or it resumes and
+    the checkpoint holds the refitted weights)."""
+    if not getattr(cfg, "refit", 0) or cfg.resume:
+        return 0
+    return cfg.refit_sequences or cfg.calibration_sequences
 
 
 def ddp_fits(cfg: Any, world: int, device: torch.device) -> bool:
@@ -222,7 +303,7 @@ def measured_peak(device: torch.device, baseline: int) -> int | None:
 
 def format_plans(plans: dict[str, MemoryPlan], device_bytes: int | None) -> str:
     """A table of the plans in GB, and whether each fits ``device_bytes``."""
-    parts = ("weights", "gradients", "optimizer", "activations", "masks", "teacher", "total")
+    parts = ("weights", "gradients", "optimizer", "activations", "masks", "teacher", "refit", "total")
     lines = [f"{'per rank (GB)':<14}" + "".join(f"{s:>10}" for s in plans)]
     for part in parts:
         row = [plans[s].summary()[part] / _GB for s in plans]
@@ -231,4 +312,6 @@ def format_plans(plans: dict[str, MemoryPlan], device_bytes: int | None) -> str:
         fits = ["yes" if plans[s].fits(device_bytes) else "no" for s in plans]
         label = f"fits {device_bytes / _GB:.0f} GB"
         lines.append(f"{label:<14}" + "".join(f"{f:>10}" for f in fits))
+    if any(p.refit for p in plans.values()):
+        lines.append("(the refit runs before the first step: the total counts it or training, the larger)")
     return "\n".join(lines)

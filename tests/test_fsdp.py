@@ -38,7 +38,8 @@ _SCRIPT = textwrap.dedent(
 )
 
 
-def _torchrun(tmp, task: str, options: dict, port: int) -> None:
+def _torchrun(tmp, task: str, options: dict, port: int) -> str:
+    """Run ``task`` on two gloo ranks; returns their stderr."""
     script = tmp / "run_fsdp.py"
     script.write_text(_SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -48,6 +49,7 @@ def _torchrun(tmp, task: str, options: dict, port: int) -> None:
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stderr
 
 
 def _prune_options(src, data, out, **kw):
@@ -146,6 +148,28 @@ def test_fsdp_resume_continues_exactly_on_the_same_and_on_fewer_ranks(prune_runs
         torch.testing.assert_close(c["task"]["masks"][k], v, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
+def test_fsdp_prune_with_distillation_matches_one_process(tiny_source, data_dir, tmp_path):
+    """The teacher sharded too (a tied LM head, gathered by the root's forward for the fused
+    loss): two FSDP ranks equal one process in losses, gradient norms, masks and weights."""
+    kw = dict(steps=3, eval_interval=3, checkpoint_interval=3, distill_weight=0.5, distill_temperature=2.0)
+    run_prune(PruneConfig(**_prune_options(tiny_source, data_dir, tmp_path / "one", strategy="ddp", **kw)))
+    options = _prune_options(tiny_source, data_dir, tmp_path / "fsdp", strategy="fsdp", **kw)
+    err = _torchrun(tmp_path, "prune", options, 29659)
+    assert "distillation: teacher" in err and "sharded over 2 ranks" in err
+    a, b = _steps(tmp_path / "one"), _steps(tmp_path / "fsdp")
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b, strict=True):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4)
+    ca, cb = load(tmp_path / "one" / "checkpoint.pt"), load(tmp_path / "fsdp" / "checkpoint.pt")
+    for k, v in ca["task"]["masks"].items():
+        torch.testing.assert_close(cb["task"]["masks"][k], v, rtol=1e-4, atol=1e-6)
+    weights = _sharded_model(tmp_path / "fsdp", tiny_source)
+    for k, v in ca["model"].items():
+        torch.testing.assert_close(weights[k], v, rtol=1e-4, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def tiny_mha(tmp_path_factory):
     """A tiny multi-head (no GQA) Llama with the default model's tokenizer."""
@@ -180,6 +204,26 @@ def test_fsdp_train_with_activation_checkpointing_matches_one_process(tiny_mha, 
         torch.testing.assert_close(fsdp[k], v, rtol=1e-4, atol=5e-5)  # Adam: lr 1e-3, normalised steps
     config = json.loads((tmp_path / "fsdp" / "model" / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"]
+
+
+@pytest.mark.slow
+def test_fsdp_train_with_distillation_matches_one_process(tiny_mha, tiny_source, data_dir, tmp_path):
+    """shear train: an untied student (hidden 48) taught by a tied teacher of another width
+    (hidden 64), both sharded; the saved model equals one process's."""
+    from safetensors.torch import load_file
+
+    options = dict(model=tiny_mha, data=data_dir, steps=2, batch_size=4, grad_accum=2, seq_len=32,
+                   dynamic=False, eval_interval=2, checkpoint_interval=2, lr_weights=1e-3, distill_weight=0.7,
+                   distill_temperature=1.5, teacher=tiny_source)  # fmt: skip
+    run_train(TrainConfig(**options, out=str(tmp_path / "one"), strategy="ddp"))
+    err = _torchrun(tmp_path, "train", dict(options, out=str(tmp_path / "fsdp"), strategy="fsdp"), 29667)
+    assert "sharded over 2 ranks" in err
+    a, b = _steps(tmp_path / "one"), _steps(tmp_path / "fsdp")
+    assert [y["loss"] for y in b] == pytest.approx([x["loss"] for x in a], rel=1e-5)
+    one = load_file(tmp_path / "one" / "model" / "model.safetensors")
+    fsdp = load_file(tmp_path / "fsdp" / "model" / "model.safetensors")
+    for k, v in one.items():
+        torch.testing.assert_close(fsdp[k], v, rtol=1e-4, atol=5e-5)
 
 
 def test_auto_strategy_follows_the_planner(tiny_source, data_dir, tmp_path, monkeypatch):
