@@ -329,6 +329,19 @@ def read_run_config(out: str | os.PathLike) -> tuple[str, dict[str, Any], str] |
     raise ShearError(f"{path} is not a shear run's config.json")
 
 
+def enclosing_run(path: str | os.PathLike) -> Path | None:
+    """The run folder that is ``path`` or holds it (the nearest with a shear run's
+    config.json), or None."""
+    folder = _real(path)
+    for candidate in (folder, *folder.parents):
+        try:
+            if read_run_config(candidate) is not None:
+                return candidate
+        except ShearError:  # a config.json of another kind (a model folder's)
+            continue
+    return None
+
+
 def _rebase(value: Any, cwd: str) -> Any:
     """A relative path option made absolute against the run's recorded working directory."""
     if isinstance(value, str) and value and not os.path.isabs(value) and "=" not in value:

@@ -361,8 +361,13 @@ def test_export_command_writes_the_same_bytes_as_the_run(runs, tiny_source, tmp_
 
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
+    other = _copy(runs, "finished", tmp_path / "other")  # another run's finished export is not replaced
+    theirs = _tree(other)
     for out, message in [
-        (tmp_path / "mine", "is not empty and is not a shear export"),
+        (tmp_path / "mine", "is not empty: an export replaces its folder"),
+        (tmp_path / "again", "is not empty: an export replaces its folder"),  # a shear export, not the run's
+        (other / "export", f"is inside another run's folder ({other})"),
+        (other / "new", f"is inside another run's folder ({other})"),
         (stopped, "is or contains the run folder"),
         (tmp_path, "is or contains the run folder"),
         (tiny_source, "the same folder as --model"),
@@ -370,6 +375,7 @@ def test_export_command_writes_the_same_bytes_as_the_run(runs, tiny_source, tmp_
         assert main(["export", str(stopped), "--out", str(out)]) == 2
         assert message in capsys.readouterr().err
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+    assert _tree(other) == theirs
     assert main(["export", str(train), "--backend", "torch"]) == 2
     assert "--backend applies to pruning runs" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "mine")]) == 2
