@@ -147,6 +147,15 @@ def checkpoint_step(path: str | os.PathLike) -> int | None:
         return None
 
 
+def checkpoint_sharded(path: str | os.PathLike) -> bool:
+    """Whether a checkpoint keeps its model in sharded files (an FSDP run's), read without
+    loading its tensors; False when it cannot be read (:func:`load` then says why)."""
+    try:
+        return "shards" in torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 (damaged: reported by load)
+        return False
+
+
 def replace_dir(tmp: Path, out: Path) -> None:
     """Move the finished folder ``tmp`` to ``out``; an existing ``out`` is swapped out, then deleted."""
     if not out.exists():

@@ -185,13 +185,25 @@ class Parallel:
             torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
         return total
 
-    def mean(self, value: torch.Tensor) -> torch.Tensor:
-        """The mean of a per-rank tensor over the ranks (on the device)."""
+    def total(self, value: torch.Tensor) -> torch.Tensor:
+        """The sum of a per-rank tensor over the ranks (on the device)."""
         if self.world == 1:
             return value
         value = value.clone()
         dist.all_reduce(value)
-        return value / self.world
+        return value
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean of a per-rank tensor over the ranks (on the device)."""
+        return value if self.world == 1 else self.total(value) / self.world
+
+    def raise_if_any(self, error: str | None) -> None:
+        """Raise :class:`ShearError` on every rank with the first rank's error, if any rank
+        had one. Every rank calls it (it is a collective), so after a failure on one rank
+        no other is left waiting at a later barrier."""
+        errors = [e for e in self.gather_objects(error) if e is not None]
+        if errors:
+            raise ShearError(errors[0])
 
     def reshard(self, model: nn.Module) -> None:
         """Free the gathered parameters a forward without backward (an evaluation) leaves on
@@ -237,9 +249,18 @@ class Parallel:
         from shear.errors import write_failed
 
         final = out / f"{SHARDS_PREFIX}{step:08d}"
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=out)) if self.main else None
-        tmp = self.gather_objects(tmp)[0]
+        what, kept = f"the checkpoint shards to {final}", "the previous checkpoint is kept"
+        tmp, error = None, None
+        if self.main:
+            try:
+                tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=out))
+            except OSError as e:
+                error = str(write_failed(what, e, kept))
+        tmp, error = self.gather_objects((tmp, error))[0]
+        if error is not None:  # on every rank: none goes on to the collectives of the save
+            raise ShearError(error)
         try:
+            # a write failing on one rank fails the save on every rank (DCP gathers the results)
             dcp.save(_dcp_state(model, objective, optimizer), checkpoint_id=tmp)
             if self.world > 1:
                 dist.barrier()
@@ -248,9 +269,8 @@ class Parallel:
         except BaseException as e:
             if self.main:
                 shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(e, OSError):
-                kept = "the previous checkpoint is kept"
-                raise write_failed(f"the checkpoint shards to {final}", e, kept) from e
+            if isinstance(e, Exception) and not isinstance(e, ShearError):
+                raise write_failed(what, e, kept) from e
             raise
         return final
 

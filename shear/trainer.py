@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from shear.checkpoint import checkpoint_step, load, save_atomic
+from shear.checkpoint import checkpoint_sharded, checkpoint_step, load, save_atomic
 from shear.data import Corpus, DomainBatchLoader, DomainSampler
 from shear.errors import ShearError
 from shear.evaluation import domain_losses
@@ -284,11 +284,14 @@ def start_run(cfg: TrainConfig) -> RunContext:
 
 def resolve_run_strategy(cfg: TrainConfig, world: int, device: torch.device) -> str:
     """``--strategy``, with ``auto`` decided by the memory planner (:mod:`shear.plan`); one
-    process has nothing to shard (``auto``: DDP's plain checkpoints)."""
+    process has nothing to shard (``auto``: DDP's plain checkpoints); a resume keeps the
+    strategy of its checkpoint (the planner may answer otherwise on other ranks or devices)."""
     if cfg.strategy != "auto":
         return cfg.strategy
     if world == 1:
         return "ddp"
+    if cfg.resume:  # the checkpoint's own: its tensors are whole (DDP) or sharded (FSDP)
+        return "fsdp" if checkpoint_sharded(Path(cfg.out) / CHECKPOINT_FILE) else "ddp"
     from shear.plan import ddp_fits
 
     return "ddp" if ddp_fits(cfg, world, device) else "fsdp"
@@ -544,20 +547,23 @@ def run_loop(
             "extra": extra_state,
             "reference": reference,
         }
-        if parallel.strategy == "fsdp":  # model and optimiser sharded; every rank's RNG
-            state["model_shapes"] = {k: list(v.shape) for k, v in task.model.state_dict().items()}
-            state["rng"] = parallel.gather_objects(rng)
-            state["shards"] = parallel.save_sharded(
-                ctx.out, step, task.model, task.objective, task.optimizer
-            ).name
-        elif ctx.main:
-            state.update(model=task.model.state_dict(), optimizer=task.optimizer.state_dict())
-        if ctx.main:
-            save_atomic(state, ctx.checkpoint_path, _kept(ctx, last_good))
-            if "shards" in state:
-                remove_stale_shards(ctx.out, state["shards"])
-        if ctx.world > 1:
-            dist.barrier()
+        error = None
+        try:
+            if parallel.strategy == "fsdp":  # model and optimiser sharded; every rank's RNG
+                state["model_shapes"] = {k: list(v.shape) for k, v in task.model.state_dict().items()}
+                state["rng"] = parallel.gather_objects(rng)
+                state["shards"] = parallel.save_sharded(
+                    ctx.out, step, task.model, task.objective, task.optimizer
+                ).name
+            elif ctx.main:
+                state.update(model=task.model.state_dict(), optimizer=task.optimizer.state_dict())
+            if ctx.main:
+                save_atomic(state, ctx.checkpoint_path, _kept(ctx, last_good))
+                if "shards" in state:
+                    remove_stale_shards(ctx.out, state["shards"])
+        except ShearError as e:
+            error = str(e)
+        parallel.raise_if_any(error)  # in place of a barrier: a rank's failure stops every rank
 
     clip = task.clip_parameters()
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
@@ -585,11 +591,14 @@ def run_loop(
             lm_sum += lm.detach().float() / cfg.grad_accum  # stays on the device
         parallel.reduce_replicated(task.objective)
         grad_norm_t = parallel.clip(clip, cfg.max_grad_norm)
+        # every rank's sequences per domain: the step's, not rank 0's share
+        summed = parallel.total(torch.tensor([float(counts[d]) for d in corpus.domains], device=device))
         # the step's one host sync: the log needs the numbers, and a NaN loss or gradient
         # must stop the run before it reaches the optimiser
-        lm_sum, extra_value, grad_norm = torch.stack(
-            [parallel.mean(lm_sum), extra.detach().float(), grad_norm_t.float()]
+        lm_sum, extra_value, grad_norm, *per_domain = torch.cat(
+            [torch.stack([parallel.mean(lm_sum), extra.detach().float(), grad_norm_t.float()]), summed]
         ).tolist()
+        counts = {d: round(n) for d, n in zip(corpus.domains, per_domain, strict=True)}
         if not math.isfinite(lm_sum) or not math.isfinite(extra_value):
             bad = lm_sum if not math.isfinite(lm_sum) else extra_value
             raise ShearError(f"the loss became {bad} at step {step + 1}; stopped ({_kept(ctx, last_good)})")
