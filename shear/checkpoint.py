@@ -23,7 +23,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from shear.errors import ShearError, disk_full, write_failed
+from shear.errors import ShearError, disk_full, interrupted, write_failed
 
 #: Names the temporary files and folders of this module take (tempfile's 8 random characters).
 LEFTOVER = re.compile(r"^\..+\.(?:[a-z0-9_]{8}\.tmp|(?:tmp|old)-[a-z0-9_]{8})$")
@@ -80,6 +80,8 @@ def save_atomic(obj: Any, path: str | os.PathLike, kept: str | None = None) -> P
     try:
         return write_atomic(path, lambda f: torch.save(obj, f))
     except (OSError, RuntimeError) as e:
+        if interrupted(e):  # Ctrl-C: an interrupt, not a failed write (the old file is intact)
+            raise KeyboardInterrupt from None
         raise write_failed(f"checkpoint {path}", e, kept) from e
 
 

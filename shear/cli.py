@@ -361,7 +361,13 @@ def _print_result(r: dict[str, Any]) -> None:
 
 def _run(args: argparse.Namespace, config: type, runner: Any, required: Sequence[str]) -> int:
     """Build a run's config from the options, run it and print where everything is."""
-    _print_result(runner(_run_config(config, args, required)))
+    from shear.runfolder import kept_checkpoint
+
+    cfg = _run_config(config, args, required)
+    try:
+        _print_result(runner(cfg))
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(kept_checkpoint(cfg.out)) from None  # what is left to continue from
     return 0
 
 
@@ -818,9 +824,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f" ({e.filename})" if e.filename else ""
         print(f"shear: error: {describe_write_error(e)}{where}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         _close_progress_bars()
-        print("shear: interrupted (a run continues with --resume from its last checkpoint)", file=sys.stderr)
+        print(f"shear: interrupted{f'; {e}' if str(e) else ''}", file=sys.stderr)
         return 130
 
 

@@ -28,6 +28,12 @@ def _chain(error: BaseException) -> list[BaseException]:
     return seen
 
 
+def interrupted(error: BaseException) -> bool:
+    """Whether ``error`` wraps a Ctrl-C: torch.save turns a ``KeyboardInterrupt`` raised
+    while it writes into ``RuntimeError: ... unexpected pos``, the interrupt in its context."""
+    return any(isinstance(e, KeyboardInterrupt) for e in _chain(error))
+
+
 def disk_full(error: BaseException) -> bool:
     """Whether ``error`` (or one it came from) says the disk or the quota is full.
 

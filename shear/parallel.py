@@ -246,7 +246,7 @@ class Parallel:
         import torch.distributed.checkpoint as dcp
 
         from shear.checkpoint import replace_dir
-        from shear.errors import write_failed
+        from shear.errors import interrupted, write_failed
 
         final = out / f"{SHARDS_PREFIX}{step:08d}"
         what, kept = f"the checkpoint shards to {final}", "the previous checkpoint is kept"
@@ -269,6 +269,8 @@ class Parallel:
         except BaseException as e:
             if self.main:
                 shutil.rmtree(tmp, ignore_errors=True)
+            if interrupted(e):
+                raise KeyboardInterrupt from None
             if isinstance(e, Exception) and not isinstance(e, ShearError):
                 raise write_failed(what, e, kept) from e
             raise

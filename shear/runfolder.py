@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from shear.checkpoint import LEFTOVER, write_text_atomic
+from shear.checkpoint import LEFTOVER, checkpoint_step, write_text_atomic
 from shear.errors import ShearError, write_failed
 
 LOCK_FILE = ".lock"
@@ -227,6 +227,16 @@ def clean_leftovers(out: str | os.PathLike) -> list[str]:
     return removed
 
 
+def kept_checkpoint(out: str | os.PathLike) -> str:
+    """What a run stopped now leaves to continue from, and what to run: its checkpoint
+    (``--resume``), or none (the same command again starts over)."""
+    path = Path(out) / CHECKPOINT_FILE
+    step = checkpoint_step(path) if path.is_file() else None
+    if step is None:
+        return "there is no checkpoint yet: run the same command again, without --resume, to start over"
+    return f"the checkpoint of step {step} is kept: continue with --resume"
+
+
 class RunLog:
     """Append-only JSONL log of a run (rank 0 writes): whole, fsynced records."""
 
@@ -255,9 +265,7 @@ class RunLog:
                 os.fsync(fd)
             except OSError as e:
                 os.ftruncate(fd, size)  # no half record
-                kept = (
-                    "the log keeps every earlier record; the last checkpoint is kept (continue with --resume)"
-                )
+                kept = f"the log keeps every earlier record; {kept_checkpoint(self.path.parent)}"
                 raise write_failed(self.path, e, kept) from e
         finally:
             os.close(fd)

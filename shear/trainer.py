@@ -372,7 +372,10 @@ def _prepare(cfg: TrainConfig, out: Path, lock: RunLock) -> None:
         )
     if cfg.resume:
         if not ckpt.is_file():
-            raise ShearError(f"--resume: no checkpoint at {ckpt}")
+            raise ShearError(
+                f"--resume: no checkpoint at {ckpt} (the run stopped before its first checkpoint); "
+                "run the same command without --resume to start over"
+            )
         if recorded is not None:
             changed = changed_options(
                 recorded[1], recorded[2], dataclasses.asdict(cfg), cfg.RESUMABLE_CHANGES
