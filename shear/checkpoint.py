@@ -23,7 +23,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from shear.errors import ShearError, disk_full, interrupted, write_failed
+from shear.errors import ShearError, disk_full, interrupted, load_failure, write_failed
 
 #: Names the temporary files and folders of this module take (tempfile's 8 random characters).
 LEFTOVER = re.compile(r"^\..+\.(?:[a-z0-9_]{8}\.tmp|(?:tmp|old)-[a-z0-9_]{8})$")
@@ -95,7 +95,7 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     try:
         return write_atomic(path, lambda f: f.write(data))
     except OSError as e:
-        kept = f"the previous {path.name} is kept" if path.exists() else "nothing was written"
+        kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
         raise write_failed(path, e, kept) from e
 
 
@@ -130,10 +130,8 @@ def load(path: str | os.PathLike) -> Any:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 (zip, pickle and EOF errors of a damaged file: any of them)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ShearError(
-            f"checkpoint {path} cannot be read: it is damaged or not a shear checkpoint "
-            f"({type(e).__name__}: {first[:200]})"
+            f"checkpoint {path} cannot be read: it is damaged or not a shear checkpoint ({load_failure(e)})"
         ) from e
     if not isinstance(state, dict) or "step" not in state:
         raise ShearError(f"checkpoint {path} is not a shear checkpoint (no step in it)")

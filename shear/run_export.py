@@ -25,6 +25,7 @@ from shear.errors import ShearError
 from shear.export import parse_size
 from shear.runfolder import (
     CHECKPOINT_FILE,
+    MODEL_FOLDER,
     RunLock,
     check_output_folder,
     clean_leftovers,
@@ -33,9 +34,6 @@ from shear.runfolder import (
     read_run_config,
     recorded_options,
 )
-
-#: Where a run writes its model, by task.
-DEFAULT_FOLDER = {"prune": "export", "train": "model"}
 
 
 def _config(run_dir: Path) -> Any:
@@ -110,7 +108,7 @@ def export_run(
         raise ShearError(f"run folder not found: {run_dir}")
     cfg = _config(run_dir)
     task_name = cfg.TASK
-    default = run_dir / DEFAULT_FOLDER[task_name]
+    default = run_dir / MODEL_FOLDER[task_name]
     dest = Path(out) if out is not None else default
     _check_destination(dest, run_dir, default, cfg.input_paths())
     shard_bytes = None if max_shard_size is None else parse_size(max_shard_size)

@@ -46,6 +46,8 @@ LOG_FILE = "log.jsonl"
 CHECKPOINT_FILE = "checkpoint.pt"
 #: One record per session: the planner's per-rank memory and each rank's measured peak.
 MEMORY_FILE = "memory.jsonl"
+#: Where a run writes its model, by task.
+MODEL_FOLDER = {"prune": "export", "train": "model"}
 #: The entry of config.json that marks a run folder and says how to read its options.
 RUN_KEY = "shear_run"
 
@@ -337,17 +339,21 @@ def read_run_config(out: str | os.PathLike) -> tuple[str, dict[str, Any], str] |
     raise ShearError(f"{path} is not a shear run's config.json")
 
 
+def run_task(folder: str | os.PathLike) -> str | None:
+    """The task of the shear run ``folder`` holds (``prune``, ``train``), or None when its
+    config.json is missing or of another kind (a model folder's)."""
+    try:
+        found = read_run_config(folder)
+    except ShearError:
+        return None
+    return found[0] if found else None
+
+
 def enclosing_run(path: str | os.PathLike) -> Path | None:
     """The run folder that is ``path`` or holds it (the nearest with a shear run's
     config.json), or None."""
     folder = _real(path)
-    for candidate in (folder, *folder.parents):
-        try:
-            if read_run_config(candidate) is not None:
-                return candidate
-        except ShearError:  # a config.json of another kind (a model folder's)
-            continue
-    return None
+    return next((c for c in (folder, *folder.parents) if run_task(c) is not None), None)
 
 
 def _rebase(value: Any, cwd: str) -> Any:
@@ -415,8 +421,17 @@ def changed_options(
         old = json.loads(json.dumps(recorded[name]))
         new = json.loads(json.dumps(value))
         if not _same(old, new, cwd):
-            changed.append(f"--{name.replace('_', '-')} {_show(new)} (recorded {_show(old)})")
+            changed.append(f"{option_flag(name)} {_show(new)} (recorded {_show(old)})")
     return changed
+
+
+#: Options whose command-line flag is not their name with dashes.
+_FLAGS = {"mask_types": "--types"}
+
+
+def option_flag(name: str) -> str:
+    """The command-line flag of a run option (``mask_types``: ``--types``)."""
+    return _FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
 def _show(value: Any) -> str:

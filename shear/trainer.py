@@ -251,9 +251,13 @@ def start_run(cfg: TrainConfig) -> RunContext:
     Its error, if any, is raised on every rank.
 
     Raises:
-        ShearError: bad options or device; see :func:`open_run_folder`.
+        ShearError: bad options (``--seq-len`` beyond the model's positions among them) or
+            device; see :func:`open_run_folder`.
     """
+    from shear.loading import check_seq_len, load_config
+
     cfg.check()
+    check_seq_len(load_config(cfg.model), cfg.seq_len)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
