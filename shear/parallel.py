@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -261,7 +262,8 @@ class Parallel:
             raise ShearError(error)
         try:
             # a write failing on one rank fails the save on every rank (DCP gathers the results)
-            dcp.save(_dcp_state(model, objective, optimizer), checkpoint_id=tmp)
+            with _one_process_is_meant():
+                dcp.save(_dcp_state(model, objective, optimizer), checkpoint_id=tmp)
             if self.world > 1:
                 dist.barrier()
             if self.main:
@@ -326,7 +328,8 @@ def load_sharded(
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     state = _dcp_state(model, objective, optimizer)
-    dcp.load(state, checkpoint_id=folder)
+    with _one_process_is_meant():
+        dcp.load(state, checkpoint_id=folder)
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
         set_optimizer_state_dict(objective, optimizer, state["optimizer"])
@@ -338,6 +341,15 @@ def remove_stale_shards(out: Path, keep: str) -> None:
     for entry in out.glob(SHARDS_PREFIX + "*"):
         if entry.name != keep and entry.is_dir():
             shutil.rmtree(entry, ignore_errors=True)
+
+
+@contextmanager
+def _one_process_is_meant() -> Iterator[None]:
+    """Silence DCP's warning that it saves or loads in one process (no process group): a
+    one-process run (or ``shear export``) means to."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninit")
+        yield
 
 
 @contextmanager

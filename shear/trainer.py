@@ -283,6 +283,13 @@ def start_run(cfg: TrainConfig) -> RunContext:
         bf16_compute(cfg.precision, device),
     )  # fmt: skip
     log = RunLog(out / LOG_FILE, rank == 0)
+    if parallel.strategy == "fsdp" and world == 1 and rank == 0:
+        print(
+            "shear: --strategy fsdp in one process: nothing is sharded (start the run with torchrun "
+            "--nproc_per_node N to shard it over N ranks); its checkpoints are sharded files, which a "
+            "resume on any number of ranks reads",
+            file=sys.stderr,
+        )
     return RunContext(cfg, rank, world, device, out, log, parallel, lock, start_peak(device))
 
 

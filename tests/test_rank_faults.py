@@ -1,6 +1,7 @@
 """Faults of a run on two gloo ranks: a checkpoint that fails on one rank stops every rank
 (none is left waiting at a barrier); a resume with ``--strategy auto`` keeps its
-checkpoint's strategy; the log's per-step domain counts are the whole step's.
+checkpoint's strategy; the log's per-step domain counts are the whole step's. And
+``--strategy fsdp`` outside torchrun says what it does, without torch's warnings.
 
 The ranks are started here (not through torchrun), each with its own output, under a
 bounded timeout: a hang fails the test instead of stalling the suite.
@@ -105,3 +106,14 @@ def test_auto_resume_keeps_the_checkpoint_strategy_and_counts_every_rank(tiny_so
         assert sum(r["domains"].values()) == 8, r["domains"]
     memory = [json.loads(x) for x in (run / "memory.jsonl").read_text().splitlines()]
     assert [m["strategy"] for m in memory] == ["ddp", "ddp"]
+
+
+def test_fsdp_outside_torchrun_says_so_without_torch_warnings(tiny_source, data_dir, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    argv = [*_prune(tiny_source, data_dir, tmp_path / "run", "--strategy", "fsdp"), "--steps", "2"]
+    r = subprocess.run([sys.executable, "-m", "shear", *argv], env=dict(env, OMP_NUM_THREADS="1"),
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "shear: --strategy fsdp in one process: nothing is sharded (start the run with" in r.stderr
+    assert "Warning" not in r.stderr, r.stderr[-3000:]
+    assert "shards" in load(tmp_path / "run" / "checkpoint.pt")

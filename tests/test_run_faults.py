@@ -4,6 +4,7 @@ a target equal to the source, a NaN gradient behind a finite loss, and ``shear e
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -155,6 +156,7 @@ def test_resume_keeps_the_recorded_options(runs, tiny_source, tmp_path, capsys):
         ),
         (["--model", str(other)], "--model"),
         (["--fixed"], "--dynamic false (recorded true)"),
+        (["--types", "layer"], '--types ["layer"] (recorded'),  # the flag, not the option's name
     ]
     for extra, named in changes:
         assert main(["prune", "--out", str(run), "--resume", *extra]) == 2
@@ -522,3 +524,26 @@ def test_a_full_disk_before_the_first_checkpoint_says_there_is_none(
     assert "the run stopped before its first checkpoint" in capsys.readouterr().err
     assert main([*argv, "--stop-after", "2"]) == 0  # as it says
     assert _steps(run) == [1, 2]
+
+
+def test_a_full_disk_while_the_plots_are_written_says_which_are_there(tmp_path, monkeypatch):
+    from shear import checkpoint, report
+
+    records = [{"step": s, "loss": 3.0 - s / 10, "expected": {"head": 2.0 - s / 10}, "target": {"head": 2.0},
+                "final_target": {"head": 1.0}} for s in (1, 2)]  # fmt: skip
+    original, calls = checkpoint.write_atomic, []
+
+    def write(path, fill):  # room for the first plot only
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(path, fill)
+
+    monkeypatch.setattr(checkpoint, "write_atomic", write)
+    with pytest.raises(ShearError) as e:
+        report.write_plots(tmp_path, records)
+    assert str(e.value).startswith(f"writing {tmp_path / 'plots' / 'dims.png'} failed: the disk is full")
+    assert str(e.value).endswith(
+        "no dims.png was written; plots written before it: loss.png; report.md was not written"
+    )
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["loss.png"]
