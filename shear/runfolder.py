@@ -64,10 +64,13 @@ class RunLock:
         folder: the run folder.
         previous: ``"pid N on HOST"`` of an earlier holder that died without releasing
             (a killed run), else None.
+        created: this process created the folder (a run that fails before it writes more
+            than its options removes it again: see :func:`hold_run_lock`).
     """
 
     def __init__(self, folder: Path, fd: int, previous: str | None):
         self.folder, self._fd, self.previous = folder, fd, previous
+        self.created = False
 
     @classmethod
     def acquire(cls, folder: str | os.PathLike) -> RunLock:
@@ -105,6 +108,12 @@ class RunLock:
         _held.append(lock)
         return lock
 
+    def discard_if_unused(self) -> None:
+        """Remove the folder if this process created it and it holds nothing but the run's
+        options (a run that failed while loading its weights or data leaves no folder)."""
+        if self.created and contents(self.folder) == [CONFIG_FILE]:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
     def release(self) -> None:
         """Empty the lock file (this run ended normally) and unlock it."""
         if self._fd < 0:
@@ -129,13 +138,19 @@ def _holder(fd: int) -> str | None:
 
 
 def hold_run_lock(fn: F) -> F:
-    """Release, when ``fn`` returns or raises, every run lock taken while it ran."""
+    """Release, when ``fn`` returns or raises, every run lock taken while it ran; when it
+    raises, first remove the run folders it created and did not use
+    (:meth:`RunLock.discard_if_unused`)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         depth = len(_held)
         try:
             return fn(*args, **kwargs)
+        except BaseException:
+            for lock in _held[depth:]:
+                lock.discard_if_unused()
+            raise
         finally:
             while len(_held) > depth:
                 _held[-1].release()

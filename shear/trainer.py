@@ -353,11 +353,13 @@ def open_run_folder(cfg: TrainConfig) -> RunLock:
         raise ShearError(
             f"--out {out} is not empty and holds no shear run ({shown}...); choose a new or empty folder"
         )
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ShearError(f"cannot create the run folder {out}: {e}") from e
     lock = RunLock.acquire(out)
+    lock.created = created
     try:
         _prepare(cfg, out, lock)
     except BaseException:

@@ -266,3 +266,26 @@ def test_data_files_that_are_not_text(weights_folder, tmp_path, capsys, name, co
     _domain(data, "prose")
     (data / name).write_bytes(content)
     _refused(["eval", "--model", str(weights_folder), "--data", str(data)], capsys, message)
+
+
+def test_a_load_error_leaves_no_run_folder(tiny_source, weights_folder, data_dir, tmp_path, capsys):
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for f in weights_folder.iterdir():
+        data = f.read_bytes()
+        (damaged / f.name).write_bytes(data[: len(data) // 2] if f.name == "model.safetensors" else data)
+    empty = tmp_path / "no-text"
+    empty.mkdir()
+    (empty / "prose.txt").write_text("   \n")
+    out = tmp_path / "runs" / "run"
+    train = ["train", "--out", str(out), "--fixed"]
+    _refused([*train, "--model", str(damaged), "--data", data_dir], capsys, "could not load the weights")
+    assert not out.exists()
+    _refused([*train, "--model", tiny_source, "--data", str(empty)], capsys, "has no text")
+    assert not out.exists()
+    prune = ["prune", "--model", tiny_source, "--target", TARGET, "--data", str(empty), "--out", str(out)]
+    _refused(prune, capsys, "has no text")
+    assert not out.exists()
+    out.mkdir()  # a folder the user made is left where it is
+    _refused(prune, capsys, "has no text")
+    assert out.is_dir()
