@@ -22,6 +22,7 @@ pass (Hugging Face's gradient checkpointing, non-reentrant), with either strateg
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import tempfile
@@ -279,26 +280,42 @@ class Parallel:
         return final
 
 
-def full_model(model: nn.Module) -> nn.Module | None:
-    """A sharded model gathered into a plain model of the same class on rank 0's host (None on
-    the other ranks; every rank must call it). An unsharded model is returned as it is."""
-    if not any(isinstance(p, DTensor) for p in model.parameters()):
-        return model
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from transformers import AutoModelForCausalLM
+def save_model(
+    model: nn.Module, out: Path, tokenizer: Any = None, max_shard_size: int | str | None = None
+) -> Path:
+    """Save a model as ``save_pretrained`` does (safetensors weights, config, generation
+    config, tokenizer), atomically. A sharded model is gathered one tensor at a time, as the
+    pruning export does (:func:`shear.export.gather_sharded`): rank 0 holds the saved
+    weights and one gathered tensor, never a second copy of the model, and writes; every
+    rank must call it. An unsharded model goes through ``save_pretrained``.
 
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if dist.get_rank() != 0:
-        return None
-    with torch.device("meta"):
-        plain = AutoModelForCausalLM.from_config(model.config, trust_remote_code=False)
-    plain.load_state_dict(state, strict=False, assign=True)
-    plain.tie_weights()
-    for name, buffer in model.named_buffers():  # RoPE frequencies: in no state dict
-        owner, _, leaf = name.rpartition(".")
-        plain.get_submodule(owner).register_buffer(leaf, buffer.detach().cpu(), persistent=False)
-    plain.generation_config = model.generation_config
-    return plain.eval()
+    Raises:
+        ShearError: the write failed (nothing partial is left).
+    """
+    from shear.checkpoint import atomic_dir, save_model_atomic
+    from shear.export import DEFAULT_MAX_SHARD_SIZE, GatherSpec, gather_sharded, write_weights
+    from shear.trainer import model_class_name
+
+    if not any(isinstance(p, DTensor) for p in model.parameters()):
+        return save_model_atomic(model, out, tokenizer, max_shard_size)
+    specs, seen = [], set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:  # tied weights are saved once, under their first name
+            seen.add(id(tensor))
+            specs.append(GatherSpec(name, tensor.detach()))
+    plan = gather_sharded(specs)
+    if plan is None:
+        return out
+    config = copy.deepcopy(model.config)
+    config.architectures = [model_class_name(model)]
+    with atomic_dir(out, "the model") as tmp:
+        write_weights(tmp, plan, max_shard_size=max_shard_size or DEFAULT_MAX_SHARD_SIZE)
+        config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return out
 
 
 #: Folder name of the sharded checkpoints (followed by the step).
