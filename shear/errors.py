@@ -40,7 +40,7 @@ def load_failure(error: BaseException) -> str:
     load it with ``weights_only=False`` is not passed on: that would run its code)."""
     import pickle
 
-    if isinstance(error, pickle.UnpicklingError) and "weights_only" in str(error).replace(" ", "_"):
+    if isinstance(error, pickle.UnpicklingError) and "weights only" in str(error).lower().replace("_", " "):
         return "it holds Python objects besides tensors and numbers; refused unread, nothing in it ran"
     first = str(error).strip().splitlines()[0] if str(error).strip() else ""
     return f"{type(error).__name__}: {first[:200]}"

@@ -128,15 +128,18 @@ def _file_sha256(path: Path) -> str:
 
 def _unsafe_folder(cache: Path) -> str | None:
     """Why the cache folders from ``cache`` up to the shear cache root could be written by
-    someone else (another owner, or group / other write permission), or None."""
+    someone else (another owner, write permission for others or another group), or None."""
     from shear.default_model import cache_root
 
     root = cache_root().resolve()
     folder = cache.resolve()
     while True:
         st = folder.stat() if folder.exists() else None
-        # a sticky folder (/tmp) lets no one else rename or delete what is ours inside it
-        shared = st and st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX
+        # others may write; so may a group other than the user's own (a umask of 002 gives the
+        # user's private group write access); a sticky folder (/tmp) lets no one else rename or
+        # delete what is ours inside it
+        writers = stat.S_IWOTH | (stat.S_IWGRP if st and st.st_gid != os.getgid() else 0)
+        shared = st and st.st_mode & writers and not st.st_mode & stat.S_ISVTX
         if st and (st.st_uid != os.getuid() or shared):
             return (
                 f"the extension cache folder {folder} can be written by other users (owner uid "
