@@ -23,7 +23,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from shear.errors import ShearError, disk_full, write_failed
+from shear.errors import ShearError, disk_full, interrupted, load_failure, write_failed
 
 #: Names the temporary files and folders of this module take (tempfile's 8 random characters).
 LEFTOVER = re.compile(r"^\..+\.(?:[a-z0-9_]{8}\.tmp|(?:tmp|old)-[a-z0-9_]{8})$")
@@ -80,6 +80,8 @@ def save_atomic(obj: Any, path: str | os.PathLike, kept: str | None = None) -> P
     try:
         return write_atomic(path, lambda f: torch.save(obj, f))
     except (OSError, RuntimeError) as e:
+        if interrupted(e):  # Ctrl-C: an interrupt, not a failed write (the old file is intact)
+            raise KeyboardInterrupt from None
         raise write_failed(f"checkpoint {path}", e, kept) from e
 
 
@@ -93,7 +95,7 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     try:
         return write_atomic(path, lambda f: f.write(data))
     except OSError as e:
-        kept = f"the previous {path.name} is kept" if path.exists() else "nothing was written"
+        kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
         raise write_failed(path, e, kept) from e
 
 
@@ -128,10 +130,8 @@ def load(path: str | os.PathLike) -> Any:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 (zip, pickle and EOF errors of a damaged file: any of them)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ShearError(
-            f"checkpoint {path} cannot be read: it is damaged or not a shear checkpoint "
-            f"({type(e).__name__}: {first[:200]})"
+            f"checkpoint {path} cannot be read: it is damaged or not a shear checkpoint ({load_failure(e)})"
         ) from e
     if not isinstance(state, dict) or "step" not in state:
         raise ShearError(f"checkpoint {path} is not a shear checkpoint (no step in it)")
@@ -145,6 +145,15 @@ def checkpoint_step(path: str | os.PathLike) -> int | None:
         return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
     except Exception:  # noqa: BLE001 (damaged: reported by load)
         return None
+
+
+def checkpoint_sharded(path: str | os.PathLike) -> bool:
+    """Whether a checkpoint keeps its model in sharded files (an FSDP run's), read without
+    loading its tensors; False when it cannot be read (:func:`load` then says why)."""
+    try:
+        return "shards" in torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 (damaged: reported by load)
+        return False
 
 
 def replace_dir(tmp: Path, out: Path) -> None:

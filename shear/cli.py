@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from shear.arch import Arch
-from shear.errors import ShearError
+from shear.errors import ShearError, clip
 from shear.masks import MASK_TYPES, plan_masks
 from shear.target import resolve_target
 
@@ -366,7 +366,13 @@ def _print_result(r: dict[str, Any]) -> None:
 
 def _run(args: argparse.Namespace, config: type, runner: Any, required: Sequence[str]) -> int:
     """Build a run's config from the options, run it and print where everything is."""
-    _print_result(runner(_run_config(config, args, required)))
+    from shear.runfolder import kept_checkpoint
+
+    cfg = _run_config(config, args, required)
+    try:
+        _print_result(runner(cfg))
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(kept_checkpoint(cfg.out)) from None  # what is left to continue from
     return 0
 
 
@@ -451,12 +457,13 @@ def evaluate_model(
     """
     from shear.data import build_corpus
     from shear.evaluation import domain_losses
-    from shear.loading import load_source
+    from shear.loading import check_seq_len, load_config, load_source
 
     for name, value, least in (("--seq-len", seq_len, 2), ("--eval-sequences", eval_sequences, 1),
                                ("--batch-size", batch_size, 1)):  # fmt: skip
         if value < least:
             raise ShearError(f"{name} must be at least {least}, got {value}")
+    check_seq_len(load_config(model), seq_len)
     net, tokenizer = load_source(model)
     if tokenizer is None:
         raise ShearError(f"{model} has no tokenizer; evaluating it needs one to read the data")
@@ -817,18 +824,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except ShearError as e:
         _close_progress_bars()
-        print(f"shear: error: {e}", file=sys.stderr)
+        print(f"shear: error: {clip(str(e))}", file=sys.stderr)
         return 2
     except OSError as e:  # a write not put into words where it happened
         from shear.errors import describe_write_error
 
         _close_progress_bars()
         where = f" ({e.filename})" if e.filename else ""
-        print(f"shear: error: {describe_write_error(e)}{where}", file=sys.stderr)
+        print(f"shear: error: {clip(describe_write_error(e) + where)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         _close_progress_bars()
-        print("shear: interrupted (a run continues with --resume from its last checkpoint)", file=sys.stderr)
+        print(f"shear: interrupted{f'; {e}' if str(e) else ''}", file=sys.stderr)
         return 130
 
 

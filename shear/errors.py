@@ -28,6 +28,33 @@ def _chain(error: BaseException) -> list[BaseException]:
     return seen
 
 
+def interrupted(error: BaseException) -> bool:
+    """Whether ``error`` wraps a Ctrl-C: torch.save turns a ``KeyboardInterrupt`` raised
+    while it writes into ``RuntimeError: ... unexpected pos``, the interrupt in its context."""
+    return any(isinstance(e, KeyboardInterrupt) for e in _chain(error))
+
+
+def load_failure(error: BaseException) -> str:
+    """A short reason why a torch / safetensors load failed: its type and first line, or for
+    a pickle that ``weights_only`` refused, that it was refused unread (torch's own advice to
+    load it with ``weights_only=False`` is not passed on: that would run its code)."""
+    import pickle
+
+    if isinstance(error, pickle.UnpicklingError) and "weights only" in str(error).lower().replace("_", " "):
+        return "it holds Python objects besides tensors and numbers; refused unread, nothing in it ran"
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {first[:200]}"
+
+
+def clip(text: str, limit: int = 2000) -> str:
+    """``text``, its middle left out when it is longer than ``limit`` characters (an input
+    echoed back, such as a 100 KB file name, is not printed whole)."""
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    return f"{text[:half]}...({len(text) - 2 * half} characters left out)...{text[-half:]}"
+
+
 def disk_full(error: BaseException) -> bool:
     """Whether ``error`` (or one it came from) says the disk or the quota is full.
 

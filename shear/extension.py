@@ -8,7 +8,13 @@ Where the module comes from, in order:
 2. A just-in-time build in the shear cache, ``$SHEAR_CACHE`` or ``~/.cache/shear``, under
    ``extensions/gather-torch<version>-py<version>-<source hash>``: compiled with ninja
    through ``torch.utils.cpp_extension.load`` on first use (about 30 s on 2 cores), then
-   loaded from there at once.
+   loaded from there at once. Importing a shared library runs its code, so a library in the
+   cache is imported only if shear built it: each build writes ``shear_gather.build.json``
+   beside it (the SHA-256 of the sources, flags, torch and Python it was built with, and of
+   the library file itself), checked before every import; a library without a matching
+   record is deleted with its build folder and built again. A cache folder that another
+   user owns or that others may write to is refused (they could swap the library after the
+   check).
 
 Nothing here falls back silently: :func:`load_extension` raises :class:`ShearError` with
 the reason and what to do, and :func:`extension_status` reports the state without building.
@@ -19,8 +25,10 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import json
 import os
 import shutil
+import stat
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -35,6 +43,8 @@ PREBUILT_MODULE = "shear._gather"
 #: Module name of the just-in-time build.
 JIT_NAME = "shear_gather"
 SOURCE_NAME = "gather.cpp"
+#: The record a JIT build writes beside its library (see the module docstring).
+BUILD_RECORD = f"{JIT_NAME}.build.json"
 #: Flags of both builds (the JIT build adds the source hash itself).
 # -ffp-contract=off: the fp16 rounding relies on a separate multiply and add (no FMA).
 CXX_FLAGS = ["-O3", "-ffp-contract=off"]
@@ -103,6 +113,62 @@ def jit_cache_dir() -> Path:
     return cache_root() / "extensions" / f"gather-torch{torch.__version__}-py{py}-{tag}"
 
 
+def build_key(src: Path) -> str:
+    """SHA-256 of what a JIT build depends on: the source, the flags, torch and Python."""
+    import torch
+
+    h = hashlib.sha256(src.read_bytes())
+    h.update(json.dumps([CXX_FLAGS, torch.__version__, sys.version]).encode())
+    return h.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _unsafe_folder(cache: Path) -> str | None:
+    """Why the cache folders from ``cache`` up to the shear cache root could be written by
+    someone else (another owner, write permission for others or another group), or None."""
+    from shear.default_model import cache_root
+
+    root = cache_root().resolve()
+    folder = cache.resolve()
+    while True:
+        st = folder.stat() if folder.exists() else None
+        # others may write; so may a group other than the user's own (a umask of 002 gives the
+        # user's private group write access); a sticky folder (/tmp) lets no one else rename or
+        # delete what is ours inside it
+        writers = stat.S_IWOTH | (stat.S_IWGRP if st and st.st_gid != os.getgid() else 0)
+        shared = st and st.st_mode & writers and not st.st_mode & stat.S_ISVTX
+        if st and (st.st_uid != os.getuid() or shared):
+            return (
+                f"the extension cache folder {folder} can be written by other users (owner uid "
+                f"{st.st_uid}, mode {stat.filemode(st.st_mode)}): a library there could be replaced "
+                f"after it is checked; `chmod go-w {folder}` or set SHEAR_CACHE to a folder only you "
+                "can write"
+            )
+        if folder == root or folder.parent == folder:
+            return None
+        folder = folder.parent
+
+
+def _verified_jit(cache: Path, src: Path) -> tuple[Path | None, str]:
+    """The cached JIT library if this shear built it from ``src`` as it is now (its build
+    record matches the sources, flags and the library's bytes), else None and why not."""
+    lib = cache / f"{JIT_NAME}.so"
+    if not lib.is_file():
+        return None, "not built in the cache"
+    try:
+        record = json.loads((cache / BUILD_RECORD).read_text())
+    except (OSError, ValueError):
+        return None, f"{lib} has no build record of shear's (not built by shear)"
+    if not isinstance(record, dict) or record.get("key") != build_key(src):
+        return None, f"{lib} was built from other sources or flags"
+    if record.get("sha256") != _file_sha256(lib):
+        return None, f"{lib} was changed after shear built it"
+    return lib, ""
+
+
 def _compiler() -> tuple[str, str | None]:
     cxx = os.environ.get("CXX", "c++")
     return cxx, shutil.which(cxx)
@@ -159,12 +225,15 @@ def extension_status() -> ExtensionStatus:
     module, why = _import_prebuilt()
     if module is not None:
         return ExtensionStatus(True, "setup.py build", module.__file__, None, cache_dir=str(cache), **common)
-    jit = cache / f"{JIT_NAME}.so"
-    if src is not None and jit.is_file():
-        return ExtensionStatus(True, "JIT cache", str(jit), why, cache_dir=str(cache), **common)
     reason = why
+    if src is not None:
+        unsafe = _unsafe_folder(cache)
+        jit, not_jit = _verified_jit(cache, src) if unsafe is None else (None, unsafe)
+        if jit is not None:
+            return ExtensionStatus(True, "JIT cache", str(jit), why, cache_dir=str(cache), **common)
+        reason = f"{why}; {not_jit}"
     if not can_build:
-        reason = f"{why}; {_cannot_build_reason(cxx, cxx_path, ninja, src)}"
+        reason = f"{reason}; {_cannot_build_reason(cxx, cxx_path, ninja, src)}"
     return ExtensionStatus(False, None, None, reason, cache_dir=str(cache), **common)
 
 
@@ -209,7 +278,8 @@ def load_extension(build: bool = True, verbose: bool = False) -> ModuleType:
 
     Raises:
         ShearError: it is not built and cannot be (no compiler, no ninja, no sources, a
-            failed compilation); the message says what to do.
+            failed compilation), or the cache folder can be written by other users; the
+            message says what to do.
     """
     global _loaded, _origin
     if _loaded is not None:
@@ -220,13 +290,20 @@ def load_extension(build: bool = True, verbose: bool = False) -> ModuleType:
         return _loaded
     src = source_path()
     cache = jit_cache_dir()
-    jit = cache / f"{JIT_NAME}.so"
-    if src is not None and jit.is_file():
-        try:
-            _loaded, _origin = _match_torch(_import_file(jit)), "JIT cache"
-            return _loaded
-        except ImportError:
-            pass  # a broken or foreign file: rebuild it below
+    if src is not None:
+        unsafe = _unsafe_folder(cache)
+        if unsafe is not None:
+            raise ShearError(f"the C++ gather extension is not loaded from the cache: {unsafe}")
+        jit, not_jit = _verified_jit(cache, src)
+        if jit is not None:
+            try:
+                _loaded, _origin = _match_torch(_import_file(jit)), "JIT cache"
+                return _loaded
+            except ImportError as e:  # shear's own build, but it does not import: build it again
+                not_jit = f"{jit} does not import ({e})"
+        if cache.exists():  # not shear's build (or a stale one): none of it is used
+            print(f"shear: rebuilding the C++ gather extension: {not_jit}", file=sys.stderr, flush=True)
+            shutil.rmtree(cache)
     cxx, cxx_path = _compiler()
     ninja = _ninja()
     if src is None or cxx_path is None or ninja is None:
@@ -250,7 +327,7 @@ def _build(src: Path, cache: Path, verbose: bool) -> ModuleType:
     )
     t0 = time.perf_counter()
     try:
-        cache.mkdir(parents=True, exist_ok=True)
+        cache.mkdir(mode=0o700, parents=True, exist_ok=True)
         module = load(
             JIT_NAME,
             [str(src)],
@@ -264,5 +341,10 @@ def _build(src: Path, cache: Path, verbose: bool) -> ModuleType:
             f"compiling the C++ gather extension failed ({type(e).__name__}):\n{tail}\n"
             f"Run `shear doctor --build --verbose` for the full output, or export with backend='torch'."
         ) from e
+    from shear.checkpoint import write_text_atomic
+
+    lib = cache / f"{JIT_NAME}.so"
+    record = {"key": build_key(src), "sha256": _file_sha256(lib)}
+    write_text_atomic(cache / BUILD_RECORD, json.dumps(record, indent=2) + "\n")
     print(f"shear: compiled the C++ gather extension in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return module

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig, 
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from shear.arch import SUPPORTED_ARCHITECTURES, supported_text
-from shear.errors import ShearError
+from shear.errors import ShearError, load_failure
 
 SUPPORTED_MODEL_TYPES = tuple(SUPPORTED_ARCHITECTURES.values())
 
@@ -65,6 +65,7 @@ def resolve_model_path(name: str | os.PathLike) -> Path:
         return default_model_dir()
     path = Path(name).expanduser()
     if path.is_dir():
+        _refuse_run_folder(path)
         if not (path / "config.json").is_file():
             raise ShearError(
                 f"{path} is a folder but has no config.json; it is not a Hugging Face model folder"
@@ -78,6 +79,34 @@ def resolve_model_path(name: str | os.PathLike) -> Path:
         f"model not found: {path} does not exist (give a Hugging Face model folder, a config .json "
         f'file, or "{DEFAULT_MODEL_NAME}")'
     )
+
+
+def _refuse_run_folder(path: Path) -> None:
+    """A run folder's config.json holds the run's options, not a model's: name its model."""
+    from shear.runfolder import MODEL_FOLDER, run_task
+
+    task = run_task(path)
+    if task is None:
+        return
+    model = path / MODEL_FOLDER[task]
+    later = "" if model.is_dir() else f" (not written yet: `shear export {path}` writes it)"
+    raise ShearError(
+        f"{path} is the folder of a `shear {task}` run, not a model: pass its model, {model}{later}"
+    )
+
+
+def check_seq_len(config: PreTrainedConfig, seq_len: int, option: str = "--seq-len") -> None:
+    """Refuse sequences longer than the model's positions (``max_position_embeddings``).
+
+    Raises:
+        ShearError: ``seq_len`` is above the model's maximum.
+    """
+    most = getattr(config, "max_position_embeddings", None)
+    if isinstance(most, int) and seq_len > most:
+        raise ShearError(
+            f"{option} {seq_len} is longer than the model's max_position_embeddings ({most}): positions "
+            f"beyond it were never trained; give at most {most}"
+        )
 
 
 def _config_file(path: Path) -> Path:
@@ -211,8 +240,7 @@ def load_source(
         )
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError, pickle.UnpicklingError) as exc:
         # a damaged safetensors file; a pickle that weights_only refused (nothing in it ran)
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ShearError(f"could not load the weights in {path}: {type(exc).__name__}: {reason}") from exc
+        raise ShearError(f"could not load the weights in {path}: {load_failure(exc)}") from exc
     model.to(device)
     model.eval()
     return model, load_tokenizer(name)

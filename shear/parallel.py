@@ -24,9 +24,11 @@ pass (Hugging Face's gradient checkpointing, non-reentrant), with either strateg
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -210,13 +212,25 @@ class Parallel:
             torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
         return total
 
-    def mean(self, value: torch.Tensor) -> torch.Tensor:
-        """The mean of a per-rank tensor over the ranks (on the device)."""
+    def total(self, value: torch.Tensor) -> torch.Tensor:
+        """The sum of a per-rank tensor over the ranks (on the device)."""
         if self.world == 1:
             return value
         value = value.clone()
         dist.all_reduce(value)
-        return value / self.world
+        return value
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean of a per-rank tensor over the ranks (on the device)."""
+        return value if self.world == 1 else self.total(value) / self.world
+
+    def raise_if_any(self, error: str | None) -> None:
+        """Raise :class:`ShearError` on every rank with the first rank's error, if any rank
+        had one. Every rank calls it (it is a collective), so after a failure on one rank
+        no other is left waiting at a later barrier."""
+        errors = [e for e in self.gather_objects(error) if e is not None]
+        if errors:
+            raise ShearError(errors[0])
 
     def reshard(self, model: nn.Module) -> None:
         """Free the gathered parameters a forward without backward (an evaluation) leaves on
@@ -254,13 +268,23 @@ class Parallel:
         import torch.distributed.checkpoint as dcp
 
         from shear.checkpoint import replace_dir
-        from shear.errors import write_failed
+        from shear.errors import interrupted, write_failed
 
         final = out / f"{SHARDS_PREFIX}{step:08d}"
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=out)) if self.main else None
-        tmp = self.gather_objects(tmp)[0]
+        what, kept = f"the checkpoint shards to {final}", "the previous checkpoint is kept"
+        tmp, error = None, None
+        if self.main:
+            try:
+                tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=out))
+            except OSError as e:
+                error = str(write_failed(what, e, kept))
+        tmp, error = self.gather_objects((tmp, error))[0]
+        if error is not None:  # on every rank: none goes on to the collectives of the save
+            raise ShearError(error)
         try:
-            dcp.save(_dcp_state(model, objective, optimizer), checkpoint_id=tmp)
+            # a write failing on one rank fails the save on every rank (DCP gathers the results)
+            with _one_process_is_meant():
+                dcp.save(_dcp_state(model, objective, optimizer), checkpoint_id=tmp)
             if self.world > 1:
                 dist.barrier()
             if self.main:
@@ -268,9 +292,10 @@ class Parallel:
         except BaseException as e:
             if self.main:
                 shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(e, OSError):
-                kept = "the previous checkpoint is kept"
-                raise write_failed(f"the checkpoint shards to {final}", e, kept) from e
+            if interrupted(e):
+                raise KeyboardInterrupt from None
+            if isinstance(e, Exception) and not isinstance(e, ShearError):
+                raise write_failed(what, e, kept) from e
             raise
         return final
 
@@ -285,26 +310,42 @@ def release_gathered(model: nn.Module) -> None:
             m.reshard()
 
 
-def full_model(model: nn.Module) -> nn.Module | None:
-    """A sharded model gathered into a plain model of the same class on rank 0's host (None on
-    the other ranks; every rank must call it). An unsharded model is returned as it is."""
-    if not any(isinstance(p, DTensor) for p in model.parameters()):
-        return model
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from transformers import AutoModelForCausalLM
+def save_model(
+    model: nn.Module, out: Path, tokenizer: Any = None, max_shard_size: int | str | None = None
+) -> Path:
+    """Save a model as ``save_pretrained`` does (safetensors weights, config, generation
+    config, tokenizer), atomically. A sharded model is gathered one tensor at a time, as the
+    pruning export does (:func:`shear.export.gather_sharded`): rank 0 holds the saved
+    weights and one gathered tensor, never a second copy of the model, and writes; every
+    rank must call it. An unsharded model goes through ``save_pretrained``.
 
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if dist.get_rank() != 0:
-        return None
-    with torch.device("meta"):
-        plain = AutoModelForCausalLM.from_config(model.config, trust_remote_code=False)
-    plain.load_state_dict(state, strict=False, assign=True)
-    plain.tie_weights()
-    for name, buffer in model.named_buffers():  # RoPE frequencies: in no state dict
-        owner, _, leaf = name.rpartition(".")
-        plain.get_submodule(owner).register_buffer(leaf, buffer.detach().cpu(), persistent=False)
-    plain.generation_config = model.generation_config
-    return plain.eval()
+    Raises:
+        ShearError: the write failed (nothing partial is left).
+    """
+    from shear.checkpoint import atomic_dir, save_model_atomic
+    from shear.export import DEFAULT_MAX_SHARD_SIZE, GatherSpec, gather_sharded, write_weights
+    from shear.trainer import model_class_name
+
+    if not any(isinstance(p, DTensor) for p in model.parameters()):
+        return save_model_atomic(model, out, tokenizer, max_shard_size)
+    specs, seen = [], set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:  # tied weights are saved once, under their first name
+            seen.add(id(tensor))
+            specs.append(GatherSpec(name, tensor.detach()))
+    plan = gather_sharded(specs)
+    if plan is None:
+        return out
+    config = copy.deepcopy(model.config)
+    config.architectures = [model_class_name(model)]
+    with atomic_dir(out, "the model") as tmp:
+        write_weights(tmp, plan, max_shard_size=max_shard_size or DEFAULT_MAX_SHARD_SIZE)
+        config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return out
 
 
 #: Folder name of the sharded checkpoints (followed by the step).
@@ -334,7 +375,8 @@ def load_sharded(
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     state = _dcp_state(model, objective, optimizer)
-    dcp.load(state, checkpoint_id=folder)
+    with _one_process_is_meant():
+        dcp.load(state, checkpoint_id=folder)
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
         set_optimizer_state_dict(objective, optimizer, state["optimizer"])
@@ -346,6 +388,15 @@ def remove_stale_shards(out: Path, keep: str) -> None:
     for entry in out.glob(SHARDS_PREFIX + "*"):
         if entry.name != keep and entry.is_dir():
             shutil.rmtree(entry, ignore_errors=True)
+
+
+@contextmanager
+def _one_process_is_meant() -> Iterator[None]:
+    """Silence DCP's warning that it saves or loads in one process (no process group): a
+    one-process run (or ``shear export``) means to."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninit")
+        yield
 
 
 @contextmanager

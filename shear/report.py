@@ -16,6 +16,7 @@ from typing import Any
 
 from shear.arch import Arch
 from shear.checkpoint import write_bytes_atomic, write_text_atomic
+from shear.errors import ShearError
 
 
 def _save(fig: Any, path: Path) -> None:
@@ -85,8 +86,21 @@ def write_plots(out: Path, records: list[dict[str, Any]]) -> dict[str, Path]:
         return {}
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    try:
+        _plot_all(plots, records, steps, paths)
+    except ShearError as e:  # say which plots are there: the ones before the failed one
+        written = ", ".join(p.name for p in list(paths.values())[:-1]) or "none"
+        raise ShearError(f"{e}; plots written before it: {written}; report.md was not written") from e
+    return paths
+
+
+def _plot_all(
+    plots: Path, records: list[dict[str, Any]], steps: list[dict[str, Any]], paths: dict[str, Path]
+) -> None:
+    """Write each plot of :func:`write_plots`, entering its path in ``paths`` before writing it."""
     x = [r["step"] for r in steps]
-    paths = {"loss": plots / "loss.png"}
+    paths["loss"] = plots / "loss.png"
     evals = [r for r in records if r.get("eval")]
     series = {"LM loss (train)": (x, [r["loss"] for r in steps])}
     for d in evals[0]["eval"] if evals else []:
@@ -114,7 +128,6 @@ def write_plots(out: Path, records: list[dict[str, Any]]) -> dict[str, Path]:
             for d in gaps[0]["eval"]
         }
         _plot_series(paths["loss_gap"], "held-out loss minus reference loss", series, "loss gap (nats)")
-    return paths
 
 
 def domain_weight_summary(records: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -25,18 +25,15 @@ from shear.errors import ShearError
 from shear.export import parse_size
 from shear.runfolder import (
     CHECKPOINT_FILE,
+    MODEL_FOLDER,
     RunLock,
     check_output_folder,
     clean_leftovers,
+    enclosing_run,
     hold_run_lock,
     read_run_config,
     recorded_options,
 )
-
-#: Where a run writes its model, by task.
-DEFAULT_FOLDER = {"prune": "export", "train": "model"}
-#: The file a pruned export carries (an existing folder without it is never replaced).
-EXPORT_RECORD = "shear_export.json"
 
 
 def _config(run_dir: Path) -> Any:
@@ -55,18 +52,26 @@ def _config(run_dir: Path) -> Any:
 
 
 def _check_destination(dest: Path, run_dir: Path, default: Path, inputs: dict[str, str | None]) -> None:
-    """Refuse a destination that is an input, is or holds the run, or a folder shear did not write."""
+    """Refuse a destination that is an input, is or holds the run, lies in another run's
+    folder, or is a non-empty folder other than the run's own export (an export replaces
+    its folder: only the run's own is replaced in place)."""
     check_output_folder(dest, inputs)
     real, run = Path(os.path.realpath(dest)), Path(os.path.realpath(run_dir))
     if real == run or real in run.parents:
         raise ShearError(f"--out {dest} is or contains the run folder {run_dir}; choose another folder")
+    other = enclosing_run(real)
+    if other is not None and other != run:
+        raise ShearError(
+            f"--out {dest} is inside another run's folder ({other}): its export and report belong to "
+            "that run; choose a folder outside it"
+        )
     if dest.exists() and real != Path(os.path.realpath(default)):
         if not dest.is_dir():
             raise ShearError(f"--out {dest} is a file")
-        if any(dest.iterdir()) and not (dest / EXPORT_RECORD).is_file():
+        if any(dest.iterdir()):
             raise ShearError(
-                f"--out {dest} is not empty and is not a shear export (no {EXPORT_RECORD}); an export "
-                "replaces its folder, so choose a new or empty one"
+                f"--out {dest} is not empty: an export replaces its folder, and only the run's own "
+                f"{default.name}/ is replaced in place; choose a new or empty folder"
             )
 
 
@@ -103,7 +108,7 @@ def export_run(
         raise ShearError(f"run folder not found: {run_dir}")
     cfg = _config(run_dir)
     task_name = cfg.TASK
-    default = run_dir / DEFAULT_FOLDER[task_name]
+    default = run_dir / MODEL_FOLDER[task_name]
     dest = Path(out) if out is not None else default
     _check_destination(dest, run_dir, default, cfg.input_paths())
     shard_bytes = None if max_shard_size is None else parse_size(max_shard_size)

@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from shear.checkpoint import LEFTOVER, write_text_atomic
+from shear.checkpoint import LEFTOVER, checkpoint_step, write_text_atomic
 from shear.errors import ShearError, write_failed
 
 LOCK_FILE = ".lock"
@@ -46,6 +46,8 @@ LOG_FILE = "log.jsonl"
 CHECKPOINT_FILE = "checkpoint.pt"
 #: One record per session: the planner's per-rank memory and each rank's measured peak.
 MEMORY_FILE = "memory.jsonl"
+#: Where a run writes its model, by task.
+MODEL_FOLDER = {"prune": "export", "train": "model"}
 #: The entry of config.json that marks a run folder and says how to read its options.
 RUN_KEY = "shear_run"
 
@@ -62,10 +64,13 @@ class RunLock:
         folder: the run folder.
         previous: ``"pid N on HOST"`` of an earlier holder that died without releasing
             (a killed run), else None.
+        created: this process created the folder (a run that fails before it writes more
+            than its options removes it again: see :func:`hold_run_lock`).
     """
 
     def __init__(self, folder: Path, fd: int, previous: str | None):
         self.folder, self._fd, self.previous = folder, fd, previous
+        self.created = False
 
     @classmethod
     def acquire(cls, folder: str | os.PathLike) -> RunLock:
@@ -103,6 +108,12 @@ class RunLock:
         _held.append(lock)
         return lock
 
+    def discard_if_unused(self) -> None:
+        """Remove the folder if this process created it and it holds nothing but the run's
+        options (a run that failed while loading its weights or data leaves no folder)."""
+        if self.created and contents(self.folder) == [CONFIG_FILE]:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
     def release(self) -> None:
         """Empty the lock file (this run ended normally) and unlock it."""
         if self._fd < 0:
@@ -127,13 +138,19 @@ def _holder(fd: int) -> str | None:
 
 
 def hold_run_lock(fn: F) -> F:
-    """Release, when ``fn`` returns or raises, every run lock taken while it ran."""
+    """Release, when ``fn`` returns or raises, every run lock taken while it ran; when it
+    raises, first remove the run folders it created and did not use
+    (:meth:`RunLock.discard_if_unused`)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         depth = len(_held)
         try:
             return fn(*args, **kwargs)
+        except BaseException:
+            for lock in _held[depth:]:
+                lock.discard_if_unused()
+            raise
         finally:
             while len(_held) > depth:
                 _held[-1].release()
@@ -227,6 +244,16 @@ def clean_leftovers(out: str | os.PathLike) -> list[str]:
     return removed
 
 
+def kept_checkpoint(out: str | os.PathLike) -> str:
+    """What a run stopped now leaves to continue from, and what to run: its checkpoint
+    (``--resume``), or none (the same command again starts over)."""
+    path = Path(out) / CHECKPOINT_FILE
+    step = checkpoint_step(path) if path.is_file() else None
+    if step is None:
+        return "there is no checkpoint yet: run the same command again, without --resume, to start over"
+    return f"the checkpoint of step {step} is kept: continue with --resume"
+
+
 class RunLog:
     """Append-only JSONL log of a run (rank 0 writes): whole, fsynced records."""
 
@@ -255,9 +282,7 @@ class RunLog:
                 os.fsync(fd)
             except OSError as e:
                 os.ftruncate(fd, size)  # no half record
-                kept = (
-                    "the log keeps every earlier record; the last checkpoint is kept (continue with --resume)"
-                )
+                kept = f"the log keeps every earlier record; {kept_checkpoint(self.path.parent)}"
                 raise write_failed(self.path, e, kept) from e
         finally:
             os.close(fd)
@@ -329,6 +354,23 @@ def read_run_config(out: str | os.PathLike) -> tuple[str, dict[str, Any], str] |
     raise ShearError(f"{path} is not a shear run's config.json")
 
 
+def run_task(folder: str | os.PathLike) -> str | None:
+    """The task of the shear run ``folder`` holds (``prune``, ``train``), or None when its
+    config.json is missing or of another kind (a model folder's)."""
+    try:
+        found = read_run_config(folder)
+    except ShearError:
+        return None
+    return found[0] if found else None
+
+
+def enclosing_run(path: str | os.PathLike) -> Path | None:
+    """The run folder that is ``path`` or holds it (the nearest with a shear run's
+    config.json), or None."""
+    folder = _real(path)
+    return next((c for c in (folder, *folder.parents) if run_task(c) is not None), None)
+
+
 def _rebase(value: Any, cwd: str) -> Any:
     """A relative path option made absolute against the run's recorded working directory."""
     if isinstance(value, str) and value and not os.path.isabs(value) and "=" not in value:
@@ -394,8 +436,17 @@ def changed_options(
         old = json.loads(json.dumps(recorded[name]))
         new = json.loads(json.dumps(value))
         if not _same(old, new, cwd):
-            changed.append(f"--{name.replace('_', '-')} {_show(new)} (recorded {_show(old)})")
+            changed.append(f"{option_flag(name)} {_show(new)} (recorded {_show(old)})")
     return changed
+
+
+#: Options whose command-line flag is not their name with dashes.
+_FLAGS = {"mask_types": "--types"}
+
+
+def option_flag(name: str) -> str:
+    """The command-line flag of a run option (``mask_types``: ``--types``)."""
+    return _FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
 def _show(value: Any) -> str:

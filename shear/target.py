@@ -194,7 +194,7 @@ def resolve_target(source: Arch, spec: str | os.PathLike | dict | Arch) -> Arch:
         looks_like_path = (
             bool(text.strip())
             and "=" not in text
-            and (path.exists() or text.endswith(".json") or os.sep in text)
+            and (_exists(path) or text.endswith(".json") or os.sep in text)
         )
         if looks_like_path:
             target = _from_config_dict(source, _config_dict(path))
@@ -202,6 +202,14 @@ def resolve_target(source: Arch, spec: str | os.PathLike | dict | Arch) -> Arch:
             target = _from_numbers(source, parse_target_numbers(text))
     check_target(source, target)
     return target
+
+
+def _exists(path: Path) -> bool:
+    """``path.exists()``, False for a name the file system cannot hold (too long)."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
 
 
 def check_target(source: Arch, target: Arch) -> None:

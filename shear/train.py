@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from shear.checkpoint import save_model_atomic, write_text_atomic
+from shear.checkpoint import write_text_atomic
 from shear.data import build_corpus
 from shear.distill import build_distiller, lm_loss
 from shear.errors import ShearError
@@ -89,14 +89,11 @@ class TrainTask:
         self, out: str | os.PathLike, tokenizer: Any = None, max_shard_size: int | str | None = None
     ) -> Path:
         """Save the model (safetensors) and tokenizer to ``out`` (atomically replaced); a
-        sharded model is gathered to rank 0, which writes (every rank calls this)."""
-        from shear.parallel import full_model
+        sharded model is gathered one tensor at a time, rank 0 writing (every rank calls this)."""
+        from shear.parallel import save_model
 
         self.model.eval()
-        model = full_model(self.model)
-        if model is None:
-            return Path(out)
-        return save_model_atomic(model, out, tokenizer, max_shard_size)
+        return save_model(self.model, Path(out), tokenizer, max_shard_size)
 
 
 @hold_run_lock

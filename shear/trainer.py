@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from shear.checkpoint import checkpoint_step, load, save_atomic
+from shear.checkpoint import checkpoint_sharded, checkpoint_step, load, save_atomic
 from shear.data import Corpus, DomainBatchLoader, DomainSampler
 from shear.errors import ShearError
 from shear.evaluation import domain_losses
@@ -251,9 +251,13 @@ def start_run(cfg: TrainConfig) -> RunContext:
     Its error, if any, is raised on every rank.
 
     Raises:
-        ShearError: bad options or device; see :func:`open_run_folder`.
+        ShearError: bad options (``--seq-len`` beyond the model's positions among them) or
+            device; see :func:`open_run_folder`.
     """
+    from shear.loading import check_seq_len, load_config
+
     cfg.check()
+    check_seq_len(load_config(cfg.model), cfg.seq_len)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -279,16 +283,26 @@ def start_run(cfg: TrainConfig) -> RunContext:
         bf16_compute(cfg.precision, device),
     )  # fmt: skip
     log = RunLog(out / LOG_FILE, rank == 0)
+    if parallel.strategy == "fsdp" and world == 1 and rank == 0:
+        print(
+            "shear: --strategy fsdp in one process: nothing is sharded (start the run with torchrun "
+            "--nproc_per_node N to shard it over N ranks); its checkpoints are sharded files, which a "
+            "resume on any number of ranks reads",
+            file=sys.stderr,
+        )
     return RunContext(cfg, rank, world, device, out, log, parallel, lock, start_peak(device))
 
 
 def resolve_run_strategy(cfg: TrainConfig, world: int, device: torch.device) -> str:
     """``--strategy``, with ``auto`` decided by the memory planner (:mod:`shear.plan`); one
-    process has nothing to shard (``auto``: DDP's plain checkpoints)."""
+    process has nothing to shard (``auto``: DDP's plain checkpoints); a resume keeps the
+    strategy of its checkpoint (the planner may answer otherwise on other ranks or devices)."""
     if cfg.strategy != "auto":
         return cfg.strategy
     if world == 1:
         return "ddp"
+    if cfg.resume:  # the checkpoint's own: its tensors are whole (DDP) or sharded (FSDP)
+        return "fsdp" if checkpoint_sharded(Path(cfg.out) / CHECKPOINT_FILE) else "ddp"
     from shear.plan import ddp_fits
 
     return "ddp" if ddp_fits(cfg, world, device) else "fsdp"
@@ -339,11 +353,13 @@ def open_run_folder(cfg: TrainConfig) -> RunLock:
         raise ShearError(
             f"--out {out} is not empty and holds no shear run ({shown}...); choose a new or empty folder"
         )
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ShearError(f"cannot create the run folder {out}: {e}") from e
     lock = RunLock.acquire(out)
+    lock.created = created
     try:
         _prepare(cfg, out, lock)
     except BaseException:
@@ -369,7 +385,10 @@ def _prepare(cfg: TrainConfig, out: Path, lock: RunLock) -> None:
         )
     if cfg.resume:
         if not ckpt.is_file():
-            raise ShearError(f"--resume: no checkpoint at {ckpt}")
+            raise ShearError(
+                f"--resume: no checkpoint at {ckpt} (the run stopped before its first checkpoint); "
+                "run the same command without --resume to start over"
+            )
         if recorded is not None:
             changed = changed_options(
                 recorded[1], recorded[2], dataclasses.asdict(cfg), cfg.RESUMABLE_CHANGES
@@ -544,20 +563,23 @@ def run_loop(
             "extra": extra_state,
             "reference": reference,
         }
-        if parallel.strategy == "fsdp":  # model and optimiser sharded; every rank's RNG
-            state["model_shapes"] = {k: list(v.shape) for k, v in task.model.state_dict().items()}
-            state["rng"] = parallel.gather_objects(rng)
-            state["shards"] = parallel.save_sharded(
-                ctx.out, step, task.model, task.objective, task.optimizer
-            ).name
-        elif ctx.main:
-            state.update(model=task.model.state_dict(), optimizer=task.optimizer.state_dict())
-        if ctx.main:
-            save_atomic(state, ctx.checkpoint_path, _kept(ctx, last_good))
-            if "shards" in state:
-                remove_stale_shards(ctx.out, state["shards"])
-        if ctx.world > 1:
-            dist.barrier()
+        error = None
+        try:
+            if parallel.strategy == "fsdp":  # model and optimiser sharded; every rank's RNG
+                state["model_shapes"] = {k: list(v.shape) for k, v in task.model.state_dict().items()}
+                state["rng"] = parallel.gather_objects(rng)
+                state["shards"] = parallel.save_sharded(
+                    ctx.out, step, task.model, task.objective, task.optimizer
+                ).name
+            elif ctx.main:
+                state.update(model=task.model.state_dict(), optimizer=task.optimizer.state_dict())
+            if ctx.main:
+                save_atomic(state, ctx.checkpoint_path, _kept(ctx, last_good))
+                if "shards" in state:
+                    remove_stale_shards(ctx.out, state["shards"])
+        except ShearError as e:
+            error = str(e)
+        parallel.raise_if_any(error)  # in place of a barrier: a rank's failure stops every rank
 
     clip = task.clip_parameters()
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
@@ -585,11 +607,14 @@ def run_loop(
             lm_sum += lm.detach().float() / cfg.grad_accum  # stays on the device
         parallel.reduce_replicated(task.objective)
         grad_norm_t = parallel.clip(clip, cfg.max_grad_norm)
+        # every rank's sequences per domain: the step's, not rank 0's share
+        summed = parallel.total(torch.tensor([float(counts[d]) for d in corpus.domains], device=device))
         # the step's one host sync: the log needs the numbers, and a NaN loss or gradient
         # must stop the run before it reaches the optimiser
-        lm_sum, extra_value, grad_norm = torch.stack(
-            [parallel.mean(lm_sum), extra.detach().float(), grad_norm_t.float()]
+        lm_sum, extra_value, grad_norm, *per_domain = torch.cat(
+            [torch.stack([parallel.mean(lm_sum), extra.detach().float(), grad_norm_t.float()]), summed]
         ).tolist()
+        counts = {d: round(n) for d, n in zip(corpus.domains, per_domain, strict=True)}
         if not math.isfinite(lm_sum) or not math.isfinite(extra_value):
             bad = lm_sum if not math.isfinite(lm_sum) else extra_value
             raise ShearError(f"the loss became {bad} at step {step + 1}; stopped ({_kept(ctx, last_good)})")

@@ -171,11 +171,12 @@ def test_damaged_weights(weights_folder, data_dir, tmp_path, capsys):
         if f.name != "model.safetensors":
             (pickled / f.name).write_bytes(f.read_bytes())
     torch.save({"model.embed_tokens.weight": Payload()}, pickled / "pytorch_model.bin")
-    _refused(
+    last = _refused(
         ["eval", "--model", str(pickled), "--data", data_dir],
         capsys,
-        "UnpicklingError: Weights only load failed",
+        "it holds Python objects besides tensors and numbers; refused unread, nothing in it ran",
     )
+    assert "weights_only=False" not in last and "weights_only" not in last  # no advice to run it
     assert not marker.exists()  # refused, not run
     save_file({"x": torch.zeros(2)}, tmp_path / "ok.safetensors")  # the library itself is fine
 
@@ -222,3 +223,69 @@ def test_symbolic_links_in_data_folders_follow_one_rule(tmp_path):
         "code": ["code/a.txt", "code/c.txt", "code/linked/b.txt"],
         "wiki": ["wiki.txt"],
     }
+
+
+def test_input_that_is_not_what_it_claims(tiny_source, weights_folder, data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    prune = ["prune", "--model", tiny_source, "--data", data_dir, "--out", str(out)]
+    huge = "a" * 100_000  # neither a file nor sizes: the refusal does not print it whole
+    for target in (huge, "/" + huge):
+        assert main([*prune, "--target", target]) in (1, 2)
+        err = capsys.readouterr().err
+        assert err.startswith("shear: error: ") and "characters left out" in err, err[:300]
+        assert len(err) < 3000
+    # a run folder where a model is expected: named, with the model to pass instead
+    run = tmp_path / "a-run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"model": "m", "shear_run": {"task": "prune", "cwd": "/"}}))
+    _refused(["eval", "--model", str(run), "--data", data_dir], capsys,
+             f"{run} is the folder of a `shear prune` run, not a model: pass its model, {run / 'export'} "
+             f"(not written yet: `shear export {run}` writes it)")  # fmt: skip
+    (run / "export").mkdir()
+    last = _refused(["train", "--model", str(run), "--data", data_dir, "--out", str(out)], capsys,
+                    f"pass its model, {run / 'export'}")  # fmt: skip
+    assert last.endswith(str(run / "export"))
+    # sequences longer than the model's positions (2048 for these Llamas)
+    message = "--seq-len 4096 is longer than the model's max_position_embeddings (2048)"
+    evaluate = ["eval", "--model", str(weights_folder), "--data", data_dir]
+    _refused([*evaluate, "--seq-len", "4096"], capsys, message)
+    _refused([*prune, "--target", TARGET, "--seq-len", "4096"], capsys, message)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "name,content,message",
+    [
+        ("bin.txt", b"GIF89a\x00\x01" + os.urandom(256), "bin.txt is a binary file (a NUL byte at byte 6)"),
+        ("latin.txt", "caf\u00e9 cr\u00e8me ".encode("latin-1") * 50, "latin.txt: not UTF-8 text (invalid"),
+        ("blank.jsonl", b"\n  \n\n", "blank.jsonl holds no JSON records (it is empty or blank)"),
+    ],
+)
+def test_data_files_that_are_not_text(weights_folder, tmp_path, capsys, name, content, message):
+    data = tmp_path / "data"
+    _domain(data, "prose")
+    (data / name).write_bytes(content)
+    _refused(["eval", "--model", str(weights_folder), "--data", str(data)], capsys, message)
+
+
+def test_a_load_error_leaves_no_run_folder(tiny_source, weights_folder, data_dir, tmp_path, capsys):
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for f in weights_folder.iterdir():
+        data = f.read_bytes()
+        (damaged / f.name).write_bytes(data[: len(data) // 2] if f.name == "model.safetensors" else data)
+    empty = tmp_path / "no-text"
+    empty.mkdir()
+    (empty / "prose.txt").write_text("   \n")
+    out = tmp_path / "runs" / "run"
+    train = ["train", "--out", str(out), "--fixed"]
+    _refused([*train, "--model", str(damaged), "--data", data_dir], capsys, "could not load the weights")
+    assert not out.exists()
+    _refused([*train, "--model", tiny_source, "--data", str(empty)], capsys, "has no text")
+    assert not out.exists()
+    prune = ["prune", "--model", tiny_source, "--target", TARGET, "--data", str(empty), "--out", str(out)]
+    _refused(prune, capsys, "has no text")
+    assert not out.exists()
+    out.mkdir()  # a folder the user made is left where it is
+    _refused(prune, capsys, "has no text")
+    assert out.is_dir()

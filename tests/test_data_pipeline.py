@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -113,6 +118,28 @@ def test_token_cache_is_reused_and_follows_changes(tmp_path, tokenizer, monkeypa
     f.write_bytes(f.read_bytes()[:10])
     build_corpus(data, tokenizer, 16, 2, cache_dir=tmp_path / "c")
     assert calls == ["code"]
+
+
+def test_what_a_killed_cache_write_left_is_removed(tmp_path, tokenizer):
+    cache = tmp_path / "c"
+    cache.mkdir()
+    kill = (
+        "import os, signal, sys\n"
+        "from shear.checkpoint import write_atomic\n"
+        "write_atomic(sys.argv[1], lambda f: (f.write(b'x' * 1000), f.flush(), os.kill(os.getpid(), 9)))\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", kill, str(cache / "0123.bin")], capture_output=True, timeout=120
+    )
+    assert r.returncode == -signal.SIGKILL
+    (left,) = cache.iterdir()  # the temporary file of the killed write
+    hours_ago = time.time() - 2 * 3600
+    os.utime(left, (hours_ago, hours_ago))
+    (cache / ".4567.bin.abcd1234.tmp").write_bytes(b"another process, writing now")
+    lines = []
+    build_corpus(_jsonl_folder(tmp_path / "d"), tokenizer, 16, 2, cache_dir=cache, log=lines.append)
+    assert not left.exists() and (cache / ".4567.bin.abcd1234.tmp").exists()  # only the stale one
+    assert f"removed what interrupted writes left in the token cache {cache}: {left.name}" in lines
 
 
 def test_a_domain_too_small_is_an_error(tmp_path, tokenizer):

@@ -9,7 +9,9 @@ on 2 cores) unless setup.py built it; later runs load it at once.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -455,3 +457,83 @@ def test_cuda_sources_are_gathered_on_the_device(ext):
     ]
     for spec, out in zip(specs, gather_cpp(cuda), strict=True):
         _assert_same_bytes(out, gather(spec), spec.name)
+
+
+_FOREIGN_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+__attribute__((constructor)) static void ran(void) {
+    FILE *f = fopen(getenv("SHEAR_TEST_MARKER"), "w");
+    if (f) fclose(f);
+}
+"""
+
+
+@pytest.fixture
+def foreign_cache(tmp_path, monkeypatch):
+    """An empty shear cache with no setup.py build in sight, a foreign ``shear_gather.so``
+    (its initialisation creates a marker file) and a build that records its calls."""
+    monkeypatch.setattr(extension, "_loaded", None)
+    monkeypatch.setattr(extension, "_import_prebuilt", lambda: (None, "not built by setup.py"))
+    monkeypatch.setenv("SHEAR_CACHE", str(tmp_path / "cache"))
+    marker = tmp_path / "foreign-code-ran"
+    monkeypatch.setenv("SHEAR_TEST_MARKER", str(marker))
+    cache = extension.jit_cache_dir()
+    cache.mkdir(parents=True)
+    (tmp_path / "foreign.c").write_text(_FOREIGN_C)
+    lib = cache / f"{extension.JIT_NAME}.so"
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(lib), str(tmp_path / "foreign.c")], check=True)
+    builds = []
+
+    def build(src, folder, verbose):
+        builds.append(folder)
+        assert not folder.exists()  # nothing of the foreign build is reused
+        return type("Built", (), {"set_bf16_nan": staticmethod(lambda bits: None)})()
+
+    monkeypatch.setattr(extension, "_build", build)
+    return cache, lib, marker, builds
+
+
+@pytest.mark.parametrize("record", ["none", "another library", "other sources"])
+def test_a_library_in_the_cache_that_shear_did_not_build_is_never_imported(foreign_cache, record, capfd):
+    cache, lib, marker, builds = foreign_cache
+    src = extension.source_path()
+    if record == "another library":  # a genuine record, the library swapped afterwards
+        entry = {"key": extension.build_key(src), "sha256": "0" * 64}
+    else:
+        entry = {"key": "0" * 64, "sha256": hashlib.sha256(lib.read_bytes()).hexdigest()}
+    if record != "none":
+        (cache / extension.BUILD_RECORD).write_text(json.dumps(entry))
+    status = extension.extension_status()
+    assert not status.available and status.origin is None
+    extension.load_extension()
+    assert not marker.exists(), "the foreign library's code ran"
+    assert builds == [cache]
+    assert "rebuilding the C++ gather extension" in capfd.readouterr().err
+
+
+def test_a_cache_others_can_write_is_refused(foreign_cache, capfd):
+    cache, lib, marker, builds = foreign_cache
+    src = extension.source_path()
+    record = {"key": extension.build_key(src), "sha256": hashlib.sha256(lib.read_bytes()).hexdigest()}
+    (cache / extension.BUILD_RECORD).write_text(json.dumps(record))
+    cache.parent.chmod(0o777)
+    with pytest.raises(ShearError, match=r"can be written by other users .*chmod go-w"):
+        extension.load_extension()
+    assert main(["doctor"]) == 0
+    assert "can be written by other users" in capfd.readouterr().out
+    assert not marker.exists() and builds == []
+
+
+@pytest.mark.slow
+def test_a_jit_build_is_recorded_and_loaded_from_the_cache(tmp_path):
+    """A real build into an empty cache, then a new process loads it from there without compiling."""
+    code = (
+        "import shear.extension as e; e._import_prebuilt = lambda: (None, 'x'); "
+        "e.load_extension(); print(e.extension_status().origin)"
+    )
+    env = dict(os.environ, SHEAR_CACHE=str(tmp_path / "cache"))
+    runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+            for _ in range(2)]  # fmt: skip
+    assert [r.stdout.strip() for r in runs] == ["JIT build", "JIT cache"], runs[0].stderr[-2000:]
+    assert "compiling" in runs[0].stderr and "compiling" not in runs[1].stderr

@@ -4,6 +4,7 @@ a target equal to the source, a NaN gradient behind a finite loss, and ``shear e
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -155,6 +156,7 @@ def test_resume_keeps_the_recorded_options(runs, tiny_source, tmp_path, capsys):
         ),
         (["--model", str(other)], "--model"),
         (["--fixed"], "--dynamic false (recorded true)"),
+        (["--types", "layer"], '--types ["layer"] (recorded'),  # the flag, not the option's name
     ]
     for extra, named in changes:
         assert main(["prune", "--out", str(run), "--resume", *extra]) == 2
@@ -361,8 +363,13 @@ def test_export_command_writes_the_same_bytes_as_the_run(runs, tiny_source, tmp_
 
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
+    other = _copy(runs, "finished", tmp_path / "other")  # another run's finished export is not replaced
+    theirs = _tree(other)
     for out, message in [
-        (tmp_path / "mine", "is not empty and is not a shear export"),
+        (tmp_path / "mine", "is not empty: an export replaces its folder"),
+        (tmp_path / "again", "is not empty: an export replaces its folder"),  # a shear export, not the run's
+        (other / "export", f"is inside another run's folder ({other})"),
+        (other / "new", f"is inside another run's folder ({other})"),
         (stopped, "is or contains the run folder"),
         (tmp_path, "is or contains the run folder"),
         (tiny_source, "the same folder as --model"),
@@ -370,6 +377,7 @@ def test_export_command_writes_the_same_bytes_as_the_run(runs, tiny_source, tmp_
         assert main(["export", str(stopped), "--out", str(out)]) == 2
         assert message in capsys.readouterr().err
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+    assert _tree(other) == theirs
     assert main(["export", str(train), "--backend", "torch"]) == 2
     assert "--backend applies to pruning runs" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "mine")]) == 2
@@ -438,3 +446,104 @@ def test_a_full_disk_loses_nothing_and_says_what_was_kept(runs, tiny_source, dat
     assert main(argv) == 2
     assert "there was none before; nothing partial is left" in capsys.readouterr().err
     assert sorted(p.name for p in disk.iterdir()) == ["run"]
+
+
+# the CLI, with a real SIGINT delivered while the checkpoint of step INTERRUPT_AT is written
+_CTRL_C_IN_CHECKPOINT = """
+import os, signal, sys
+import torch
+from shear.cli import main
+
+save, at = torch.save, int(os.environ["INTERRUPT_AT"])
+
+class Writer:
+    def __init__(self, f):
+        self.f, self.sent = f, False
+    def write(self, data):
+        if not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGINT)
+        return self.f.write(data)
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+def interrupted_save(obj, f, *args, **kwargs):
+    return save(obj, Writer(f) if obj.get("step") == at else f, *args, **kwargs)
+
+torch.save = interrupted_save
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("at", [2, 4], ids=["first-checkpoint", "second-checkpoint"])
+def test_ctrl_c_while_a_checkpoint_is_written(tiny_source, data_dir, tmp_path, at):
+    run = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", INTERRUPT_AT=str(at))
+    r = subprocess.run([sys.executable, "-c", _CTRL_C_IN_CHECKPOINT, *_prune(tiny_source, data_dir, run)],
+                       env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 130 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
+    if at == 2:  # nothing to resume: no advice to --resume
+        assert last == (
+            "shear: interrupted; there is no checkpoint yet: run the same command again, without "
+            "--resume, to start over"
+        )
+        assert not (run / "checkpoint.pt").exists()
+        assert main(_prune(tiny_source, data_dir, run)) == 0  # as it says
+    else:
+        assert last == "shear: interrupted; the checkpoint of step 2 is kept: continue with --resume"
+        assert load(run / "checkpoint.pt")["step"] == 2
+        assert main(["prune", "--out", str(run), "--resume"]) == 0  # as it says
+    assert _steps(run) == [1, 2, 3, 4]
+
+
+def test_a_full_disk_before_the_first_checkpoint_says_there_is_none(
+    tiny_source, data_dir, small_disk, capsys
+):
+    disk, resize = small_disk
+    run = disk / "run"
+    argv = _prune(tiny_source, data_dir, run, "--steps", "30", "--checkpoint-interval", "30")
+    original = trainer.RunLog.write
+
+    def write(self, record):  # after the first step no room is left: a later record does not fit
+        if record.get("step") == 1 and "loss" in record:
+            resize(shutil.disk_usage(disk).used)
+        return original(self, record)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(trainer.RunLog, "write", write)
+        assert main(argv) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"shear: error: writing {run / 'log.jsonl'} failed: the disk is full"), last
+    assert last.endswith(
+        "there is no checkpoint yet: run the same command again, without --resume, to start over"
+    )
+    resize(200 << 20)
+    assert main(["prune", "--out", str(run), "--resume"]) == 2
+    assert "the run stopped before its first checkpoint" in capsys.readouterr().err
+    assert main([*argv, "--stop-after", "2"]) == 0  # as it says
+    assert _steps(run) == [1, 2]
+
+
+def test_a_full_disk_while_the_plots_are_written_says_which_are_there(tmp_path, monkeypatch):
+    from shear import checkpoint, report
+
+    records = [{"step": s, "loss": 3.0 - s / 10, "expected": {"head": 2.0 - s / 10}, "target": {"head": 2.0},
+                "final_target": {"head": 1.0}} for s in (1, 2)]  # fmt: skip
+    original, calls = checkpoint.write_atomic, []
+
+    def write(path, fill):  # room for the first plot only
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(path, fill)
+
+    monkeypatch.setattr(checkpoint, "write_atomic", write)
+    with pytest.raises(ShearError) as e:
+        report.write_plots(tmp_path, records)
+    assert str(e.value).startswith(f"writing {tmp_path / 'plots' / 'dims.png'} failed: the disk is full")
+    assert str(e.value).endswith(
+        "no dims.png was written; plots written before it: loss.png; report.md was not written"
+    )
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["loss.png"]

@@ -161,7 +161,7 @@ def test_changed_options_compare_paths_by_where_they_lead(tmp_path, monkeypatch)
     assert changed_options(recorded, str(tmp_path), other, frozenset({"num_workers"})) == [
         "--target 'layers=1' (recorded 'layers=2')",
         "--seq-len 64 (recorded 32)",
-        '--mask-types ["layer"] (recorded null)',
+        '--types ["layer"] (recorded null)',  # the command line's flag
     ]
 
 

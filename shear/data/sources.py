@@ -20,6 +20,7 @@ modification times), so the tokenisation cache can tell whether anything changed
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
@@ -207,8 +208,33 @@ def _data_files(folder: Path, above: tuple[str, ...]) -> list[Path]:
     return files
 
 
+def _check_text(file: Path) -> None:
+    """A clear error for a .txt file that is not UTF-8 text (binary, another encoding), before
+    ``datasets`` reports it less plainly; read in pieces, so any size is checked."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(file, "rb") as f:
+        while True:
+            piece = f.read(1 << 20)
+            if b"\0" in piece:
+                where = offset + piece.index(0)
+                raise ShearError(f"{file} is a binary file (a NUL byte at byte {where}), not text")
+            try:
+                decoder.decode(piece, final=not piece)
+            except UnicodeDecodeError as e:
+                raise ShearError(
+                    f"{file}: not UTF-8 text ({e.reason} near byte {offset + max(e.start, 0)}); convert it, "
+                    "e.g. `iconv -f latin1 -t utf-8`"
+                ) from None
+            if not piece:
+                return
+            offset += len(piece)
+
+
 def _check_jsonl(file: Path, column: str) -> None:
-    """A clear error for a malformed line, before ``datasets`` reports it less plainly."""
+    """A clear error for a malformed line or a file without records, before ``datasets``
+    reports it less plainly."""
+    records = 0
     with open(file, "rb") as f:
         for n, raw in enumerate(f, 1):
             try:
@@ -225,6 +251,9 @@ def _check_jsonl(file: Path, column: str) -> None:
                 raise ShearError(f"{file}:{n}: not valid JSON ({e})") from None
             if not isinstance(record, dict) or not isinstance(record.get(column), str):
                 raise ShearError(f'{file}:{n}: each .jsonl line needs a string "{column}" field')
+            records += 1
+    if records == 0:
+        raise ShearError(f"{file} holds no JSON records (it is empty or blank); fill it or remove it")
 
 
 def read_domain(source: DomainSource, spec: DataSpec = DEFAULT_SPEC) -> Any:
@@ -253,6 +282,8 @@ def read_domain(source: DomainSource, spec: DataSpec = DEFAULT_SPEC) -> Any:
             for f in source.files:
                 if f.suffix == ".jsonl":
                     _check_jsonl(f, spec.text_column)
+                elif f.suffix == ".txt":
+                    _check_text(f)
                 by_builder.setdefault(BUILDERS[f.suffix], []).append(str(f))
             parts = []
             for builder, files in by_builder.items():

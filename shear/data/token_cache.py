@@ -6,7 +6,9 @@ into one stream with EOS after every document, stored as ``uint16`` (vocabularie
 full serialised vocabulary and rules), the EOS id and the domain's content fingerprint, so
 an unchanged domain is never tokenised twice and a changed one never reuses stale tokens.
 Files are written under a temporary name and renamed; the ``.json`` beside a ``.bin`` is
-written last, so a killed run leaves no entry that looks complete.
+written last, so a killed run leaves no entry that looks complete. The temporary files a
+kill left are removed by the next run that opens the cache, once they are an hour old
+(another process may be writing a newer one: the cache is shared).
 
 Sequence length is not part of the key: packing is a reshape of the mapped stream.
 """
@@ -16,17 +18,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from shear.checkpoint import write_atomic
+from shear.checkpoint import LEFTOVER, write_atomic
 from shear.data.sources import DEFAULT_SPEC, DataSpec, DomainSource, read_domain
 from shear.errors import ShearError
 
 CACHE_VERSION = 1
+#: Age in seconds after which a temporary file in the cache is a killed write's leftover.
+STALE_AFTER_S = 3600
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -80,6 +85,21 @@ def _default_cache() -> Path:
     from shear.default_model import cache_root
 
     return cache_root() / "tokens"
+
+
+def remove_leftovers(folder: Path) -> list[str]:
+    """Delete the temporary files of killed writes in the cache (older than
+    :data:`STALE_AFTER_S`); returns their names."""
+    removed = []
+    for entry in folder.iterdir():
+        try:
+            stale = LEFTOVER.match(entry.name) and time.time() - entry.stat().st_mtime > STALE_AFTER_S
+            if stale and entry.is_file():
+                entry.unlink()
+                removed.append(entry.name)
+        except OSError:
+            continue  # gone already (another process cleaned it), or not ours to remove
+    return removed
 
 
 def _write_atomic(path: Path, chunks: Sequence[bytes | np.ndarray]) -> None:
@@ -148,6 +168,9 @@ def tokenize_domains(
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ShearError(f"cannot create the token cache {folder}: {e}") from e
+    removed = remove_leftovers(folder)
+    if removed and log:
+        log(f"removed what interrupted writes left in the token cache {folder}: {', '.join(removed)}")
     out = {}
     for src in sources:
         key = hashlib.sha256(f"{CACHE_VERSION}:{tok_fp}:{eos}:{dtype}:{src.fingerprint}".encode()).hexdigest()
