@@ -96,7 +96,11 @@ setup(
         "matplotlib",
         "ninja",
     ],
-    extras_require={"dev": ["pytest", "pytest-benchmark", "ruff"]},
+    extras_require={
+        "dev": ["pytest", "pytest-benchmark", "ruff"],
+        "eval": ["lm-eval>=0.4"],
+        "tensorboard": ["tensorboard>=2.10"],
+    },
     entry_points={"console_scripts": ["shear=shear.cli:main"]},
     **_extension_args(),
 )

@@ -31,7 +31,8 @@ model from its checkpoint (see :mod:`shear.run_export`).
 ``shear data default [--out DIR]``: build the default multi-domain corpus (Debian and PyPI
 packages, cached, with a MANIFEST of sources and licences).
 
-``shear eval --model M --data DATA [--json]``: per-domain perplexity on held-out data.
+``shear eval MODEL [--data DATA] [--tasks T1,T2 [--num-fewshot K] [--limit N]] [--json]``: per-domain
+perplexity on held-out data and/or lm-evaluation-harness tasks (see :mod:`shear.downstream`).
 
 ``shear demo [--out DIR]``: the main job on the embedded default model: default corpus,
 prune, continued pre-training, export, per-domain evaluation.
@@ -470,14 +471,47 @@ def evaluate_model(
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    result = evaluate_model(args.model, args.data, args.seq_len, args.eval_sequences, args.batch_size)
+    model = args.model_path or args.model
+    if model is None or (args.model_path and args.model):
+        raise ShearError("give the model once: shear eval MODEL (or --model MODEL)")
+    if args.data is None and args.tasks is None:
+        raise ShearError("give --data (per-domain perplexity) and/or --tasks (lm-evaluation-harness tasks)")
+    run_model = None
+    if Path(model).is_dir():
+        from shear.downstream import model_of_run
+
+        run_model = model_of_run(Path(model))
+    result: dict[str, Any] = {}
+    if args.data is not None:
+        result = evaluate_model(str(run_model or model), args.data, args.seq_len, args.eval_sequences,
+                                args.batch_size)  # fmt: skip
+        if not args.json:
+            print(f"{'domain':<20}{'perplexity':>12}{'loss':>10}{'tokens':>10}")
+            for d, r in result["domains"].items():
+                print(f"{d:<20}{r['perplexity']:>12.2f}{r['loss']:>10.4f}{r['tokens']:>10}")
+    if args.tasks is not None:
+        result["downstream"] = _downstream(args, model, run_model)
     if args.json:
         print(json.dumps(result, indent=2))
-    else:
-        print(f"{'domain':<20}{'perplexity':>12}{'loss':>10}{'tokens':>10}")
-        for d, r in result["domains"].items():
-            print(f"{d:<20}{r['perplexity']:>12.2f}{r['loss']:>10.4f}{r['tokens']:>10}")
     return 0
+
+
+def _downstream(args: argparse.Namespace, model: str, run_model: Path | None) -> dict[str, Any]:
+    """``shear eval --tasks``: the harness's tasks; the JSON and the run's report when MODEL is a run."""
+    from shear.checkpoint import write_text_atomic
+    from shear.downstream import evaluate_tasks, format_table, parse_tasks, record_in_run
+
+    r = evaluate_tasks(run_model or model, parse_tasks(args.tasks), args.num_fewshot, args.limit,
+                       args.include_path, args.batch_size, args.device)  # fmt: skip
+    if args.out:
+        write_text_atomic(args.out, json.dumps(r, indent=2) + "\n")
+    if not args.json:
+        print(format_table(r))
+    if run_model is not None:
+        report = record_in_run(Path(model), r)
+        if not args.json:
+            print(f"report:         {report}")
+    return r
 
 
 #: The demo's target for SmolLM2-135M (README explains the choice).
@@ -751,9 +785,25 @@ def build_parser() -> argparse.ArgumentParser:
     pdd.add_argument("--sources", nargs="+", help="only these sources (default: all)")
     pdd.set_defaults(func=_cmd_data)
 
-    pe = sub.add_parser("eval", help="per-domain perplexity of a model on held-out data")
-    pe.add_argument("--model", required=True, help="a model folder or 'default'")
-    pe.add_argument("--data", required=True, help=data_help)
+    pe = sub.add_parser(
+        "eval", help="per-domain perplexity on held-out data and/or lm-evaluation-harness tasks"
+    )
+    pe.add_argument(
+        "model_path", nargs="?", metavar="MODEL",
+        help="a model folder, 'default' or a shear run folder (its export; the results go into its report)",
+    )  # fmt: skip
+    pe.add_argument("--model", help="the same as MODEL")
+    pe.add_argument("--data", help=data_help + " (per-domain perplexity)")
+    pe.add_argument(
+        "--tasks",
+        help='lm-evaluation-harness tasks, e.g. arc_easy,piqa (needs pip install "shear[eval]"; '
+        "offline, tasks over local files: --include-path)",
+    )
+    pe.add_argument("--num-fewshot", type=int, help="few-shot examples per prompt (default: the task's)")
+    pe.add_argument("--limit", type=int, help="at most this many examples per task (default: all)")
+    pe.add_argument("--include-path", help="a folder of extra task YAML files (e.g. local tasks)")
+    pe.add_argument("--device", default="cpu", help="where the tasks run: cpu or cuda[:N] (default: cpu)")
+    pe.add_argument("--out", help="also write the tasks' results to this JSON file")
     pe.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: 256)")
     pe.add_argument(
         "--eval-sequences", type=int, default=4, help="held-out sequences per domain (default: 4)"
