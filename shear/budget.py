@@ -295,3 +295,63 @@ def rank_candidates(
         if log is not None:
             log(f"candidate {i}/{len(candidates)} {target_text(target)}: score {out[-1]:.4f}")
     return out
+
+
+def rank_budget(
+    model: str,
+    data: str,
+    spec: str,
+    *,
+    seq_len: int = 256,
+    batch_size: int = 4,
+    eval_sequences: int = 4,
+    calibration_sequences: int = 32,
+    rank_steps: int = 0,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    log: Any = None,
+) -> dict[str, Any]:
+    """Enumerate the candidates of a budget for a source and rank them on its data.
+
+    Args:
+        model: the source (a model folder or ``default``).
+        data: the data (its training split gives the calibration and training sequences, its
+            held-out split the score).
+        spec: the budget (module docstring).
+        calibration_sequences: sequences the importance and the refit use.
+        rank_steps: training steps of each candidate before it is scored (0: none).
+
+    Returns:
+        ``{"budget", "enumerated", "ranked_by", "candidates": rows best first, "chosen": target text}``.
+    """
+    from shear.data import build_corpus
+    from shear.importance import calibration_batch, calibration_rows
+    from shear.loading import load_source
+
+    if rank_steps < 0:
+        raise ShearError(f"rank_steps must be >= 0, got {rank_steps}")
+    net, tokenizer = load_source(model, device=device)
+    if tokenizer is None:
+        raise ShearError(f"{model} has no tokenizer; ranking a budget's candidates needs one to read --data")
+    source = Arch.from_config(net.config)
+    budget = parse_budget(spec)
+    enumerated = enumerate_candidates(source, budget)
+    candidates = shortlist(enumerated, budget.candidates)
+    corpus = build_corpus(data, tokenizer, seq_len, eval_sequences, log=log)
+    calibration = calibration_batch(corpus, calibration_rows(corpus, calibration_sequences, seed)).to(device)
+    train_rows = calibration_rows(corpus, rank_steps * batch_size, seed + 1) if rank_steps else {}
+    train = calibration_batch(corpus, train_rows).to(device).split(batch_size) if rank_steps else ()
+    eval_sets = {d: s.to(device) for d, s in corpus.eval.items()}
+    if log is not None:
+        log(f"ranking {len(candidates)} of {len(enumerated)} candidates under {budget.text()}")
+    scores = rank_candidates(net, source, candidates, calibration, eval_sets, batch_size, list(train), log)
+    rows = candidate_rows(budget, candidates, scores)
+    cut = f"one-shot importance cut + refit on {len(calibration)} calibration sequences"
+    return {
+        "budget": budget.text(),
+        "enumerated": len(enumerated),
+        "ranked_by": cut + (f" + {rank_steps} training steps" if rank_steps else "")
+        + ": mean held-out loss over the domains (lower is better)",
+        "candidates": rows,
+        "chosen": rows[0]["target"],
+    }

@@ -54,6 +54,15 @@ from pathlib import Path
 from typing import Any
 
 from shear.arch import Arch
+from shear.budget import (
+    candidate_rows,
+    enumerate_candidates,
+    format_rows,
+    is_budget,
+    parse_budget,
+    rank_budget,
+    shortlist,
+)
 from shear.errors import ShearError
 from shear.masks import MASK_TYPES, plan_masks
 from shear.target import resolve_target
@@ -78,6 +87,11 @@ def info(model: str, target: str | None = None, types: Sequence[str] | None = No
         if types:
             raise ShearError("--types needs --target")
         return out
+    if is_budget(target):  # the candidates, unranked: ranking needs weights and data (shear plan --data)
+        budget = parse_budget(target)
+        enumerated = enumerate_candidates(source, budget)
+        rows = candidate_rows(budget, shortlist(enumerated, budget.candidates))
+        return {**out, "budget": budget.text(), "enumerated": len(enumerated), "candidates": rows}
     tgt = resolve_target(source, target)
     out["target"] = tgt.summary()
     out["masks"] = [
@@ -136,9 +150,24 @@ def _format_info(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _format_candidates(r: dict[str, Any]) -> str:
+    """The candidate table of a budget target (``shear info``, ``shear plan``)."""
+    ranked = r["candidates"][0]["score"] is not None
+    return "\n".join([
+        f"budget {r['budget']}: {len(r['candidates'])} of {r['enumerated']} uniform candidates"
+        + (f", ranked by {r['ranked_by']}" if ranked else " (unranked: `shear plan --data DATA` ranks them)"),
+        format_rows(parse_budget(r["budget"]), r["candidates"]),
+    ])  # fmt: skip
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     r = info(args.model, args.target, args.types)
-    print(json.dumps(r, indent=2) if args.json else _format_info(r))
+    if args.json:
+        print(json.dumps(r, indent=2))
+    elif "candidates" in r:
+        print(_format_candidates(r))
+    else:
+        print(_format_info(r))
     return 0
 
 
@@ -148,7 +177,18 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
     from shear.plan import parse_memory, plan_memory
 
     source = Arch.from_config(load_config(args.model))
-    target = resolve_target(source, args.target) if args.target else None
+    ranking = None
+    if args.target and is_budget(args.target):
+        if args.data:
+            say = lambda m: print(f"shear: {m}", file=sys.stderr)  # noqa: E731
+            ranking = rank_budget(args.model, args.data, args.target, seq_len=args.rank_seq_len,
+                                  rank_steps=args.rank_steps, log=say)  # fmt: skip
+        else:
+            ranking = info(args.model, args.target)
+            ranking["chosen"] = max(ranking["candidates"], key=lambda c: c["params"])["target"]
+    elif args.data:
+        raise ShearError("--data ranks the candidates of a budget target (e.g. --target params=60M)")
+    target = resolve_target(source, ranking["chosen"] if ranking else args.target) if args.target else None
     device = parse_memory(args.device_memory)
     strategies = ("ddp", "fsdp") if args.strategy == "both" else (args.strategy,)
     plans = {
@@ -168,6 +208,7 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
         "device_memory": device,
         "plans": {s: {**p.summary(), "fits": p.fits(device)} for s, p in plans.items()},
         "_plans": plans,
+        **({"budget": {k: v for k, v in ranking.items() if k not in ("model", "source")}} if ranking else {}),
     }
 
 
@@ -179,6 +220,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
+    if "budget" in r:
+        print(_format_candidates(r["budget"]))
+        largest = "" if "ranked_by" in r["budget"] else " (the largest)"
+        print(f"planned for {r['budget']['chosen']}{largest}")
     target = f" -> {r['target_params'] / 1e9:.2f}B" if r["target_params"] else ""
     print(
         f"{args.model}: {r['source_params'] / 1e9:.2f}B parameters{target}; {args.world_size} ranks, "
@@ -212,6 +257,8 @@ _OPTION_HELP = {
     "--freeze-masks 1 or --one-shot; see shear.refit)",
     "refit_sequences": "training sequences the --refit fits on (default: --calibration-sequences; "
     "the importance's rows come first)",
+    "rank_steps": "with a budget --target: training steps of each candidate before it is scored (0: the "
+    "one-shot cut + refit alone; see shear.budget)",
     "freeze_masks": "fraction of the last steps that train the weights under the masks frozen at "
     "their deterministic values (0: the paper's, the masks learn to the end)",
     "eval_interval": "evaluate per domain every N steps",
@@ -646,17 +693,20 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+_TARGET_HELP = (
+    "target: 'layers=24,hidden=384,heads=6,kv_heads=2,intermediate=1024' (unnamed sizes keep the "
+    "source's), a config.json / model folder, or a budget: params=60M, prunable=40M or "
+    "memory=1.2GB[,context=4096,batch=1] (bf16 weights + KV cache), with [,grid=64,candidates=6]"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``shear`` command."""
     p = argparse.ArgumentParser(prog="shear", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     pi = sub.add_parser("info", help="architecture, parameter counts and the masks a target needs")
     pi.add_argument("model", help="model folder, 'default' (SmolLM2-135M-Instruct) or a config.json")
-    pi.add_argument(
-        "--target",
-        help="target: 'layers=24,hidden=384,heads=6,kv_heads=2,intermediate=1024' (unnamed sizes "
-        "keep the source's) or a config.json / model folder",
-    )
+    pi.add_argument("--target", help=_TARGET_HELP)
     pi.add_argument(
         "--types",
         nargs="+",
@@ -684,7 +734,8 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument(
         "--target",
         default=argparse.SUPPRESS,
-        help="target sizes or config, as in shear info (required unless --resume)",
+        help="target sizes, config or budget (the best-ranked candidate), as in shear info (required "
+        "unless --resume)",
     )
     pp.add_argument("--data", default=argparse.SUPPRESS, help=data_help + " (required unless --resume)")
     pp.add_argument("--out", required=True, help="run folder (log, checkpoint, export, report)")
@@ -834,6 +885,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="per-rank memory of a run for DDP and FSDP, from the config alone")
     pl.add_argument("--model", required=True, help="model folder, 'default' or a config.json (no weights)")
     pl.add_argument("--target", help="pruning target, as in shear info (default: continued pre-training)")
+    pl.add_argument("--data", help="with a budget --target: rank its candidates on this data (needs weights)")
+    pl.add_argument(
+        "--rank-steps", type=int, default=0, help="with --data: training steps per candidate before scoring"
+    )
+    pl.add_argument(
+        "--rank-seq-len", type=int, default=256, help="with --data: tokens per sequence (default: 256)"
+    )
     pl.add_argument("--world-size", type=int, default=1, help="number of ranks (default: 1)")
     pl.add_argument("--batch", type=int, default=4, help="sequences per micro-batch, global (default: 4)")
     pl.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence (default: 4096)")
