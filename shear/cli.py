@@ -547,6 +547,7 @@ def _downstream(args: argparse.Namespace, model: str, run_model: Path | None) ->
     """``shear eval --tasks``: the harness's tasks; the JSON and the run's report when MODEL is a run."""
     from shear.checkpoint import write_text_atomic
     from shear.downstream import evaluate_tasks, format_table, parse_tasks, record_in_run
+    from shear.model_card import update_card
 
     r = evaluate_tasks(run_model or model, parse_tasks(args.tasks), args.num_fewshot, args.limit,
                        args.include_path, args.batch_size, args.device)  # fmt: skip
@@ -554,6 +555,7 @@ def _downstream(args: argparse.Namespace, model: str, run_model: Path | None) ->
         write_text_atomic(args.out, json.dumps(r, indent=2) + "\n")
     if not args.json:
         print(format_table(r))
+    update_card(run_model or model, downstream=r)  # a shear export's card (shear.model_card)
     if run_model is not None:
         report = record_in_run(Path(model), r)
         if not args.json:

@@ -406,9 +406,11 @@ def _finish_run(
     if cfg.export and (ctx.main or ctx.parallel.sharded):  # sharded: every rank sends its shards
         export_dir = export_at_end(ctx, task, ctx.out / "export", tokenizer)
     if ctx.main and export_dir is not None:
+        from shear.model_card import update_card
         from shear.report import write_report
 
         exported_eval = evaluate_folder(export_dir, corpus, cfg.batch_size, ctx.device)
+        update_card(export_dir, perplexity=exported_eval)
         result["export"] = str(export_dir)
         evals = {"source": source_eval, "masked": loop.final_eval, "exported": exported_eval}
         write_text_atomic(ctx.out / "evals.json", json.dumps(evals, indent=2) + "\n")

@@ -23,6 +23,7 @@ import torch
 from shear.checkpoint import load
 from shear.errors import ShearError
 from shear.export import parse_size
+from shear.model_card import write_card
 from shear.runfolder import (
     CHECKPOINT_FILE,
     RunLock,
@@ -148,6 +149,7 @@ def export_run(
         options["max_shard_size"] = shard_bytes
     folder = task.export(dest, tokenizer, **options)
     step = int(state["step"])
+    write_card(folder, cfg, step)  # perplexity unknown here: `shear eval` measures it
     if step < cfg.steps:
         print(f"shear: exported step {step} of {cfg.steps}: the run is not finished", file=sys.stderr)
     return {"run": str(run_dir), "task": task_name, "out": str(folder), "step": step, "steps": cfg.steps}

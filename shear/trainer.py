@@ -682,7 +682,12 @@ def export_at_end(ctx: RunContext, task: Task, out: Path, tokenizer: Any) -> Pat
         ShearError: the export failed (nothing partial is left).
     """
     try:
-        return task.export(out, tokenizer)
+        folder = task.export(out, tokenizer)
+        if ctx.main:  # the model card (shear.model_card); the run adds its perplexity once measured
+            from shear.model_card import write_card
+
+            write_card(folder, ctx.cfg, ctx.cfg.steps)
+        return folder
     except ShearError as e:
         raise ShearError(
             f"{e}. The run's checkpoint is kept: `shear export {ctx.out}` writes it again"

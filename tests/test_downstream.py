@@ -90,6 +90,8 @@ def test_eval_tasks_on_a_run_folder(tiny_source, data_dir, tmp_path, capsys):
         assert m["stderr"] is not None and m["stderr"] >= 0
     report = (run / "report.md").read_text()
     assert f"| {TASK} | 2.0 | acc_norm |" in report and "## Options" in report
+    card = (run / "export" / "README.md").read_text()  # the export's model card too
+    assert "model-index" in card and f"| {TASK} | 2.0 | acc_norm |" in card
 
 
 def test_a_run_report_holds_the_latest_table_once(tmp_path):
