@@ -283,6 +283,8 @@ _OPTION_HELP = {
     "default: the source recorded in the pruned export)",
     "dynamic_eta": "step size on the loss gaps of each domain-weight update (the paper: 1)",
     "min_domain_weight": "least weight of any domain after an update (0: none)",
+    "report_to": "mirror log.jsonl's scalars to none, all (the installed ones) or tensorboard,wandb "
+    "(Hugging Face Trainer's report_to; TensorBoard's event files go to RUN_DIR/tensorboard/)",
     "reference_model": "with dynamic loading and no --reference-losses: use this model's measured "
     "held-out losses as the references (documented fallback)",
 }

@@ -42,6 +42,7 @@ from shear.errors import ShearError
 from shear.evaluation import domain_losses
 from shear.parallel import STRATEGIES, Parallel, load_sharded, remove_stale_shards
 from shear.plan import measured_peak, run_plans, start_peak
+from shear.reporting import Reporters, parse_report_to
 from shear.runfolder import (
     CHECKPOINT_FILE,
     LOG_FILE,
@@ -100,6 +101,7 @@ class TrainConfig:
     stop_after: int | None = None
     strategy: str = "auto"
     activation_checkpointing: bool = False
+    report_to: str = "none"
 
     #: Options a resume may change: those of one session, and those that do not change what
     #: the remaining steps compute. Every other option is fixed for the life of a run.
@@ -110,6 +112,7 @@ class TrainConfig:
         "eval_interval",
         "checkpoint_interval",
         "activation_checkpointing",
+        "report_to",
     }
     #: The task name recorded in the run folder (``shear train``).
     TASK: ClassVar[str] = "train"
@@ -138,6 +141,7 @@ class TrainConfig:
         for name in ("max_train_sequences", "stop_after"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ShearError(f"{name} must be positive, got {getattr(self, name)}")
+        parse_report_to(self.report_to)
         if self.num_workers < 0:
             raise ShearError(f"num_workers must be >= 0, got {self.num_workers}")
         check_rate("lr_weights", self.lr_weights)
@@ -278,7 +282,8 @@ def start_run(cfg: TrainConfig) -> RunContext:
         resolve_run_strategy(cfg, world, device), rank, world, device, cfg.activation_checkpointing,
         bf16_compute(cfg.precision, device),
     )  # fmt: skip
-    log = RunLog(out / LOG_FILE, rank == 0)
+    names = parse_report_to(cfg.report_to) if rank == 0 else []
+    log = RunLog(out / LOG_FILE, rank == 0, Reporters(names, out, cfg) if names else None)
     return RunContext(cfg, rank, world, device, out, log, parallel, lock, start_peak(device))
 
 
@@ -838,5 +843,7 @@ def finish(ctx: RunContext) -> None:
     """Wait for every rank at the end of a run, then release the run folder."""
     if ctx.world > 1:
         dist.barrier()
+    if ctx.log.mirror is not None:
+        ctx.log.mirror.close()
     if ctx.lock is not None:
         ctx.lock.release()
