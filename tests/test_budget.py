@@ -102,3 +102,22 @@ def test_prune_to_a_budget_chooses_the_best_ranked_candidate(tiny_source, data_d
     losses = json.loads((tmp_path / "run" / "evals.json").read_text())["exported"]
     assert sum(losses.values()) / len(losses) == pytest.approx(rows[0]["score"], abs=2e-3)
     assert r["export"]
+
+
+def test_scoring_works_on_a_copy_and_training_steps_count():
+    from shear.budget import score_candidate
+    from shear.importance import activation_importance
+
+    model = make_tiny("llama_gqa_bias_untied")
+    source = Arch.from_config(model.config)
+    target = resolve_target(source, "layers=2,hidden=32,heads=2,kv_heads=1,intermediate=48")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 101, (8, 16), generator=torch.Generator().manual_seed(0))
+    held_out = {"a": ids[:4], "b": ids[4:]}
+    scores = activation_importance(model, source, ids, 4)
+    cut = score_candidate(model, source, target, scores, ids, held_out, 4)
+    assert cut == score_candidate(model, source, target, scores, ids, held_out, 4)  # the source is untouched
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    steps = list(ids.split(4)) * 3
+    trained = score_candidate(model, source, target, scores, ids, held_out, 4, steps, lr=1e-2)
+    assert trained < cut  # six steps on the held-out sequences themselves lower their loss
