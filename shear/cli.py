@@ -2,7 +2,9 @@
 
 ``shear info MODEL [--target TARGET] [--types T ...] [--json]``: architecture, parameter
 counts and, with a target, the target's counts, the masks a run would learn and the
-fractions it would prune. MODEL is a model folder, ``default`` or a bare config.json.
+fractions it would prune. MODEL is a model folder, ``default`` or a bare config.json. A TARGET may be a budget
+(``params=60M``, ``prunable=40M``, ``memory=1.2GB,context=4096,batch=1``; see :mod:`shear.budget`):
+``info`` lists its candidates, ``plan --data DATA`` ranks them, ``prune`` prunes to the best.
 
 ``shear plan --model SRC [--target T] --world-size N --batch B --seq-len S [--strategy S]
 [--activation-checkpointing] [--distill] [--device-memory 80GB] [--json]``: per-rank memory of
@@ -88,6 +90,8 @@ def info(model: str, target: str | None = None, types: Sequence[str] | None = No
             raise ShearError("--types needs --target")
         return out
     if is_budget(target):  # the candidates, unranked: ranking needs weights and data (shear plan --data)
+        if types:
+            raise ShearError("--types needs sizes: a budget target lists candidates (pick one as --target)")
         budget = parse_budget(target)
         enumerated = enumerate_candidates(source, budget)
         rows = candidate_rows(budget, shortlist(enumerated, budget.candidates))

@@ -264,7 +264,9 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
     from shear.loading import load_config  # transformers import
 
     ranking = None
-    if is_budget(cfg.target):  # a fresh run: a resume reads the chosen target from its options
+    # config.json records the chosen target, so a plain --resume reads it; a budget given again
+    # ranks again and must choose the same (the resume's check of the options says so otherwise)
+    if is_budget(cfg.target):
         cfg.check()
         ranking = _choose_from_budget(cfg)
         cfg = dataclasses.replace(cfg, target=ranking["chosen"], budget=cfg.target)
