@@ -29,13 +29,16 @@ DEFAULT_SOURCE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _NOT_RECIPE = ("out", "resume", "export", "stop_after", "num_workers", "device", "model", "data")
 
 
-def write_card(folder: str | os.PathLike, cfg: Any, steps: int) -> Path:
-    """Write the card of a run's export (no perplexity yet: :func:`update_card` adds it).
+def write_card(
+    folder: str | os.PathLike, cfg: Any, steps: int, perplexity: dict[str, float] | None = None
+) -> Path:
+    """Write the card of a run's export (a run adds the perplexity with :func:`update_card` once measured).
 
     Args:
         folder: the exported model folder.
         cfg: the run's config (``PruneConfig`` or ``TrainConfig``).
         steps: the optimiser steps the exported weights trained for.
+        perplexity: held-out loss per domain of these weights, when known.
     """
     from shear.arch import Arch
     from shear.loading import load_config
@@ -52,7 +55,7 @@ def write_card(folder: str | os.PathLike, cfg: Any, steps: int) -> Path:
         "recipe": {k: v for k, v in options.items() if k not in _NOT_RECIPE and v is not None},
         "steps": steps,
         "tokens_seen": steps * cfg.batch_size * cfg.grad_accum * cfg.seq_len,
-        "perplexity": None,
+        "perplexity": perplexity,
         "downstream": None,
     }
     return _write(Path(folder), facts)
@@ -74,7 +77,9 @@ def update_card(folder: str | os.PathLike, **changes: Any) -> Path | None:
 
 def _write(folder: Path, facts: dict[str, Any]) -> Path:
     write_text_atomic(folder / FACTS_FILE, json.dumps(facts, indent=2) + "\n")
-    return write_text_atomic(folder / CARD_FILE, render(facts, folder.name))
+    # named after the source, not the folder: the card reads the same wherever the model is written
+    name = f"{Path(facts['source']).name}-{'pruned' if facts['task'] == 'prune' else 'trained'}"
+    return write_text_atomic(folder / CARD_FILE, render(facts, name))
 
 
 def _front_matter(facts: dict[str, Any], name: str) -> dict[str, Any]:

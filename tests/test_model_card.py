@@ -35,11 +35,17 @@ def test_an_export_carries_a_model_card(tiny_source, data_dir, tmp_path, capsys)
         assert f"| {domain} | {math.exp(loss):.2f} | {loss:.4f} |" in body
     assert "model-index" not in meta
 
-    # `shear export` rewrites the folder: the card comes with it (perplexity not measured there)
+    # `shear export` writes the same card (the finished run measured these weights)...
     assert main(["export", str(run), "--out", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "README.md").read_bytes() == (run / "export" / "README.md").read_bytes()
+    # ...but not an unfinished run's perplexity: the checkpoint's weights were never measured
+    record = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**record, "steps": 3}))
+    assert main(["export", str(run), "--out", str(tmp_path / "early")]) == 0
     capsys.readouterr()
-    meta, body = _card(tmp_path / "again")
+    meta, body = _card(tmp_path / "early")
     assert "2 optimiser steps" in body and "perplexity" not in body.lower()
+    (run / "config.json").write_text(json.dumps(record))
 
     # downstream results (as `shear eval --tasks` passes them) go into the front matter and the body
     result = {"model": "m", "harness_version": "0.4.13", "num_fewshot": 0, "limit": 8,
