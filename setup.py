@@ -99,7 +99,12 @@ setup(
         "matplotlib",
         "ninja",
     ],
-    extras_require={"dev": ["pytest", "pytest-benchmark", "ruff"]},
+    extras_require={
+        # the tests exercise the optional integrations too
+        "dev": ["pytest", "pytest-benchmark", "ruff", "lm-eval>=0.4", "tensorboard>=2.10"],
+        "eval": ["lm-eval>=0.4"],
+        "tensorboard": ["tensorboard>=2.10"],
+    },
     entry_points={"console_scripts": ["shear=shear.cli:main"]},
     **_extension_args(),
 )

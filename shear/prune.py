@@ -22,8 +22,10 @@ Run directory::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -32,6 +34,7 @@ import torch
 from torch import nn
 
 from shear.arch import Arch
+from shear.budget import is_budget
 from shear.checkpoint import write_text_atomic
 from shear.data import build_corpus
 from shear.data.corpus import Corpus
@@ -80,6 +83,9 @@ class PruneConfig(TrainConfig):
     search_steps: int = 0
     refit: float = 0.0
     refit_sequences: int | None = None
+    rank_steps: int = 0
+    #: the budget the target was chosen from (``--target params=60M``; shear.budget), else None
+    budget: str | None = None
 
     TASK: ClassVar[str] = "prune"
     MIN_STEPS: ClassVar[int] = 0
@@ -103,6 +109,8 @@ class PruneConfig(TrainConfig):
             raise ShearError(f"search_steps must be >= 0, got {self.search_steps}")
         if self.search_steps and self.init != "importance":
             raise ShearError("--search-steps starts from activation importance: it needs --init importance")
+        if self.rank_steps < 0:
+            raise ShearError(f"rank_steps must be >= 0, got {self.rank_steps}")
         if self.refit_sequences is not None and self.refit_sequences <= 0:
             raise ShearError(f"refit_sequences must be positive, got {self.refit_sequences}")
         if self.refit < 0:
@@ -255,10 +263,20 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
     """
     from shear.loading import load_config  # transformers import
 
+    ranking = None
+    # config.json records the chosen target, so a plain --resume reads it; a budget given again
+    # ranks again and must choose the same (the resume's check of the options says so otherwise)
+    if is_budget(cfg.target):
+        cfg.check()
+        ranking = _choose_from_budget(cfg)
+        cfg = dataclasses.replace(cfg, target=ranking["chosen"], budget=cfg.target)
     source = Arch.from_config(load_config(cfg.model))
     target = resolve_target(source, cfg.target)
     check_prunes(source, target, cfg.model)
     ctx = start_run(cfg)
+    if ranking is not None and ctx.main:
+        write_text_atomic(ctx.out / "budget.json", json.dumps(ranking, indent=2) + "\n")
+        ctx.say(f"budget {cfg.budget}: chose {cfg.target} (candidates in budget.json)")
     if cfg.refit and ctx.parallel.sharded:  # said before the model loads
         raise ShearError("--refit needs the whole model on every rank: run it without FSDP sharding")
     model, tokenizer = ctx.parallel.load(cfg.model)
@@ -294,6 +312,19 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
                 0, ctx.evaluate(model, corpus), False, None))  # fmt: skip
     loop, extra = run_loop(ctx, task, corpus, source_eval, {"source_eval": source_eval})
     return _finish_run(ctx, task, corpus, tokenizer, source, target, extra["source_eval"], loop)
+
+
+def _choose_from_budget(cfg: PruneConfig) -> dict[str, Any]:
+    """Rank the candidates of a budget ``--target`` on the run's data (:func:`shear.budget.rank_budget`)."""
+    from shear.budget import rank_budget
+    from shear.trainer import resolve_device
+
+    say = (lambda m: print(f"shear: {m}", file=sys.stderr)) if int(os.environ.get("RANK", "0")) == 0 else None
+    return rank_budget(
+        cfg.model, cfg.data, cfg.target, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+        eval_sequences=cfg.eval_sequences, calibration_sequences=cfg.calibration_sequences,
+        rank_steps=cfg.rank_steps, seed=cfg.seed, device=resolve_device(cfg.device), log=say,
+    )  # fmt: skip
 
 
 def _search(
@@ -377,9 +408,11 @@ def _finish_run(
     if cfg.export and (ctx.main or ctx.parallel.sharded):  # sharded: every rank sends its shards
         export_dir = export_at_end(ctx, task, ctx.out / "export", tokenizer)
     if ctx.main and export_dir is not None:
+        from shear.model_card import update_card
         from shear.report import write_report
 
         exported_eval = evaluate_folder(export_dir, corpus, cfg.batch_size, ctx.device)
+        update_card(export_dir, perplexity=exported_eval)
         result["export"] = str(export_dir)
         evals = {"source": source_eval, "masked": loop.final_eval, "exported": exported_eval}
         write_text_atomic(ctx.out / "evals.json", json.dumps(evals, indent=2) + "\n")

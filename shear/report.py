@@ -16,6 +16,7 @@ from typing import Any
 
 from shear.arch import Arch
 from shear.checkpoint import write_bytes_atomic, write_text_atomic
+from shear.downstream import RESULTS_FILE, report_section
 from shear.errors import ShearError
 
 
@@ -272,6 +273,9 @@ def _finish(out: Path, cfg: Any, lines: list[str], steps: list[dict], plots: dic
         lines += ["", f"Median throughput: {tps:,.0f} tokens/s."]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{k}](plots/{p.name})" for k, p in plots.items()]
+    downstream = out / RESULTS_FILE  # `shear eval RUN --tasks` ran on an earlier export: keep its table
+    if downstream.is_file():
+        lines += ["", *report_section(json.loads(downstream.read_text(encoding="utf-8")))]
     lines += ["", "## Options", "", "```json", json.dumps(dataclasses.asdict(cfg), indent=2), "```", ""]
     return write_text_atomic(out / "report.md", "\n".join(lines))
 

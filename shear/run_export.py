@@ -13,6 +13,7 @@ renamed into place.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ import torch
 from shear.checkpoint import load
 from shear.errors import ShearError
 from shear.export import parse_size
+from shear.model_card import write_card
 from shear.runfolder import (
     CHECKPOINT_FILE,
     MODEL_FOLDER,
@@ -76,6 +78,15 @@ def _check_destination(dest: Path, run_dir: Path, default: Path, inputs: dict[st
 
 
 @hold_run_lock
+def _measured(run_dir: Path, task_name: str) -> dict[str, float] | None:
+    """The held-out losses the finished run measured on its own export (the same weights), if any."""
+    evals = run_dir / "evals.json"
+    if not evals.is_file():
+        return None
+    measured = json.loads(evals.read_text(encoding="utf-8"))
+    return measured.get({"prune": "exported", "train": "saved"}[task_name])
+
+
 def export_run(
     run_dir: str | os.PathLike,
     out: str | os.PathLike | None = None,
@@ -153,6 +164,7 @@ def export_run(
         options["max_shard_size"] = shard_bytes
     folder = task.export(dest, tokenizer, **options)
     step = int(state["step"])
+    write_card(folder, cfg, step, _measured(run_dir, task_name) if step == cfg.steps else None)
     if step < cfg.steps:
         print(f"shear: exported step {step} of {cfg.steps}: the run is not finished", file=sys.stderr)
     return {"run": str(run_dir), "task": task_name, "out": str(folder), "step": step, "steps": cfg.steps}

@@ -257,8 +257,9 @@ def kept_checkpoint(out: str | os.PathLike) -> str:
 class RunLog:
     """Append-only JSONL log of a run (rank 0 writes): whole, fsynced records."""
 
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, enabled: bool, mirror: Any = None):
+        """``mirror``: also gets every record once it is written (``--report-to``, shear.reporting)."""
+        self.path, self.enabled, self.mirror = path, enabled, mirror
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one record, whole or not at all.
@@ -286,6 +287,8 @@ class RunLog:
                 raise write_failed(self.path, e, kept) from e
         finally:
             os.close(fd)
+        if self.mirror is not None:
+            self.mirror.write(record)
 
     def records(self) -> Iterator[dict[str, Any]]:
         """Every whole record so far (a last line cut short by a kill is skipped).

@@ -140,9 +140,11 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.export and (ctx.main or ctx.parallel.sharded):  # sharded: every rank sends its shards
         folder = export_at_end(ctx, task, ctx.out / "model", tokenizer)
     if ctx.main and folder is not None:
+        from shear.model_card import update_card
         from shear.report import write_train_report
 
         saved_eval = evaluate_folder(folder, corpus, cfg.batch_size, ctx.device)
+        update_card(folder, perplexity=saved_eval)
         result["model"] = str(folder)
         evals = {"start": initial_eval, "end": loop.final_eval, "saved": saved_eval}
         write_text_atomic(ctx.out / "evals.json", json.dumps(evals, indent=2) + "\n")

@@ -42,6 +42,7 @@ from shear.errors import ShearError
 from shear.evaluation import domain_losses
 from shear.parallel import STRATEGIES, Parallel, load_sharded, remove_stale_shards
 from shear.plan import measured_peak, run_plans, start_peak
+from shear.reporting import Reporters, parse_report_to
 from shear.runfolder import (
     CHECKPOINT_FILE,
     LOG_FILE,
@@ -100,6 +101,7 @@ class TrainConfig:
     stop_after: int | None = None
     strategy: str = "auto"
     activation_checkpointing: bool = False
+    report_to: str = "none"
 
     #: Options a resume may change: those of one session, and those that do not change what
     #: the remaining steps compute. Every other option is fixed for the life of a run.
@@ -110,6 +112,7 @@ class TrainConfig:
         "eval_interval",
         "checkpoint_interval",
         "activation_checkpointing",
+        "report_to",
     }
     #: The task name recorded in the run folder (``shear train``).
     TASK: ClassVar[str] = "train"
@@ -138,6 +141,7 @@ class TrainConfig:
         for name in ("max_train_sequences", "stop_after"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ShearError(f"{name} must be positive, got {getattr(self, name)}")
+        parse_report_to(self.report_to)
         if self.num_workers < 0:
             raise ShearError(f"num_workers must be >= 0, got {self.num_workers}")
         check_rate("lr_weights", self.lr_weights)
@@ -282,7 +286,8 @@ def start_run(cfg: TrainConfig) -> RunContext:
         resolve_run_strategy(cfg, world, device), rank, world, device, cfg.activation_checkpointing,
         bf16_compute(cfg.precision, device),
     )  # fmt: skip
-    log = RunLog(out / LOG_FILE, rank == 0)
+    names = parse_report_to(cfg.report_to) if rank == 0 else []
+    log = RunLog(out / LOG_FILE, rank == 0, Reporters(names, out, cfg) if names else None)
     if parallel.strategy == "fsdp" and world == 1 and rank == 0:
         print(
             "shear: --strategy fsdp in one process: nothing is sharded (start the run with torchrun "
@@ -707,7 +712,12 @@ def export_at_end(ctx: RunContext, task: Task, out: Path, tokenizer: Any) -> Pat
         ShearError: the export failed (nothing partial is left).
     """
     try:
-        return task.export(out, tokenizer)
+        folder = task.export(out, tokenizer)
+        if ctx.main:  # the model card (shear.model_card); the run adds its perplexity once measured
+            from shear.model_card import write_card
+
+            write_card(folder, ctx.cfg, ctx.cfg.steps)
+        return folder
     except ShearError as e:
         raise ShearError(
             f"{e}. The run's checkpoint is kept: `shear export {ctx.out}` writes it again"
@@ -858,5 +868,7 @@ def finish(ctx: RunContext) -> None:
     """Wait for every rank at the end of a run, then release the run folder."""
     if ctx.world > 1:
         dist.barrier()
+    if ctx.log.mirror is not None:
+        ctx.log.mirror.close()
     if ctx.lock is not None:
         ctx.lock.release()
