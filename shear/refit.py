@@ -25,13 +25,25 @@ recovers far worse in training (RESULTS.md). The fit is therefore held near the 
 
 ``damping`` 0 is the plain fit, large values keep the cut. :func:`refit_masked` refits the
 choice of a masked model in place (``shear prune --refit``); :func:`refit_pruned` works on a
-dense pruned model. Memory: one layer's linear inputs for every calibration token, in the
-source and in the pruned model, and float64 ``G`` and ``C``.
+dense pruned model.
+
+The refit streams: for each stage, chunk by chunk of ``batch_size`` sequences, the source
+layer runs up to the stage's linears and the pruned layer up to their input, and the chunk
+adds to ``G``, ``C`` and, per linear, ``Y = sum ||W_src[rows] u_src||^2`` (the source
+linear's output, which its forward computes anyway). The errors before and after follow from
+these alone, ``||W u_src - W' u||^2 = Y - 2 <W C, W'> + <W' G, W'>``, with no second pass
+over the tokens. Products are float32 per chunk, summed in float64, solved in float64
+(:data:`PRODUCT_DTYPE`). Memory: ``G`` and ``C`` of one stage in float64 plus one chunk's
+activations, and the hidden states entering the current layer for every calibration
+sequence, in the source and in the pruned model (as the layer-by-layer order needs). Under
+torchrun each rank streams its share of the sequences and the statistics are all-reduced
+(``distributed``), so every rank solves the same system.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 from torch import nn
@@ -79,28 +91,89 @@ def _run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Te
     return out[0] if isinstance(out, tuple) else out
 
 
-def _inputs_of(layer: nn.Module, names: Sequence[str], states: list[tuple], stop: bool) -> dict[str, list]:
-    """Inputs of the named linears of ``layer`` on every chunk (the pass ends at the last one if ``stop``)."""
-    seen: dict[str, list] = {n: [] for n in names}
-    handles = []
-    for n in names:
+def _stage_pass(
+    layer: nn.Module, names: Sequence[str], hidden: torch.Tensor, kwargs: dict, outputs: bool, stop: bool
+) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
+    """One chunk through ``layer``: the input of the stage's linears ``names`` (they share it) and,
+    if ``outputs``, each one's output less its bias; the pass ends there if ``stop``, else the
+    layer's output comes back too."""
+    seen: dict[str, torch.Tensor] = {}
+    last = names[-1] if outputs else names[0]
 
-        def grab(module, args, n=n):
-            seen[n].append(args[0].detach().flatten(0, -2))
-            if stop and n == names[-1]:
-                raise _Stop
+    def pre(module, args):
+        seen["u"] = args[0].detach().flatten(0, -2)
+        if stop and not outputs:
+            raise _Stop
 
-        handles.append(layer.get_submodule(n).register_forward_pre_hook(grab))
+    def post(module, args, out, n):
+        seen[n] = out.detach().flatten(0, -2) - (module.bias if module.bias is not None else 0)
+        if stop and n == last:
+            raise _Stop
+
+    handles = [layer.get_submodule(names[0]).register_forward_pre_hook(pre)]
+    if outputs:
+        handles += [layer.get_submodule(n).register_forward_hook(partial(post, n=n)) for n in names]
     try:
-        for hidden, kwargs in states:
-            try:
-                _run_layer(layer, hidden, kwargs)
-            except _Stop:
-                pass
+        out = _run_layer(layer, hidden, kwargs)
+    except _Stop:
+        out = None
     finally:
         for h in handles:
             h.remove()
-    return seen
+    return seen["u"], [seen[n] for n in names] if outputs else [], out
+
+
+#: dtype of the per-chunk products ``u^T u``; their sums are float64 (measured in RESULTS.md,
+#: "Streaming refit": float32 products change the refitted weights by ~1e-7 relative to float64).
+PRODUCT_DTYPE = torch.float32
+
+
+class RefitStats:
+    """What the refit of one stage needs, summed chunk by chunk over the calibration tokens:
+    ``G = sum u u^T``, ``C = sum u_src u^T`` (float64; shared by the stage's linears) and, per
+    linear, ``Y = sum ||W_src[rows] u_src||^2`` (the errors' denominator)."""
+
+    def __init__(self, n: int):
+        self.g: torch.Tensor | float = 0.0
+        self.c: torch.Tensor | float = 0.0
+        self.y = torch.zeros(n, dtype=torch.float64)
+
+    def add(
+        self,
+        u_src: torch.Tensor,
+        u_new: torch.Tensor,
+        y_src: Sequence[torch.Tensor],
+        rows: Sequence[torch.Tensor | None],
+    ) -> None:
+        """Add one chunk: the inputs of the stage in the source and in the pruned model (rows:
+        tokens), and the outputs (less bias) of the stage's source linears, of which the pruned
+        linears keep ``rows`` (None: all)."""
+        a, b = u_src.to(PRODUCT_DTYPE), u_new.to(PRODUCT_DTYPE)
+        self.g = self.g + (b.T @ b).double()
+        self.c = self.c + (a.T @ b).double()
+        for i, (y, r) in enumerate(zip(y_src, rows, strict=True)):
+            y = y if r is None else y[:, r.to(y.device)]
+            self.y[i] += float(y.to(PRODUCT_DTYPE).square().sum(dtype=torch.float64))
+
+    def all_reduce(self) -> None:
+        """Sum the statistics over the ranks of the default process group (each rank summed its
+        share of the sequences)."""
+        import torch.distributed as dist
+
+        g, c = torch.as_tensor(self.g), torch.as_tensor(self.c)
+        flat = torch.cat([g.reshape(-1), c.reshape(-1), self.y.to(g.device)])
+        dist.all_reduce(flat)
+        self.g = flat[: g.numel()].view_as(g)
+        self.c = flat[g.numel() : g.numel() + c.numel()].view_as(c)
+        self.y = flat[g.numel() + c.numel() :].cpu()
+
+    def error(self, i: int, w: torch.Tensor, wc: torch.Tensor, fit: torch.Tensor) -> float:
+        """Relative error ``||W u_src - W' u|| / ||W u_src||`` over the tokens of linear ``i``
+        (``w = W_src[rows]``, ``wc = w @ C``, ``fit = W'``), from the statistics alone:
+        ``||.||^2 = Y - 2 <W C, W'> + <W' G, W'>``."""
+        y = float(self.y[i])
+        num = y - 2 * float((wc * fit).sum()) + float((fit @ self.g * fit).sum())
+        return (max(num, 0.0) / max(y, 1e-30)) ** 0.5
 
 
 @torch.no_grad()
@@ -111,6 +184,7 @@ def refit_pruned(
     input_ids: torch.Tensor,
     batch_size: int = 4,
     damping: float = 0.3,
+    distributed: bool = False,
 ) -> dict[str, tuple[float, float]]:
     """Refit the kept linear weights of ``pruned`` to reproduce the source (module docstring).
 
@@ -119,10 +193,12 @@ def refit_pruned(
         pruned: the dense pruned model that ``plan`` gathered from ``source`` (changed in place).
         plan: the export plan (:func:`shear.export.export_plan` on ``source``): which source
             rows every pruned weight kept.
-        input_ids: ``[n, seq_len]`` calibration sequences.
-        batch_size: sequences per forward pass.
+        input_ids: ``[n, seq_len]`` calibration sequences (with ``distributed``, this rank's share).
+        batch_size: sequences per forward pass (one chunk of the statistics).
         damping: strength of the pull toward the cut weights, a fraction of the mean
             diagonal of ``G`` (module docstring).
+        distributed: sum the statistics over the ranks of the default process group; every
+            rank must call with the same number of chunks and ends with the same weights.
 
     Returns:
         The relative reconstruction error ``||Y - W U'|| / ||Y||`` of every refitted linear
@@ -145,64 +221,53 @@ def refit_pruned(
         h_src = _first_layer_inputs(source, input_ids, batch_size)
         h_new = _first_layer_inputs(pruned, input_ids, batch_size)
         for old, layer in enumerate(src_layers):
-            if old in kept:
-                u_src = _inputs_of(layer, [stage[0] for stage in STAGES], h_src, stop=False)
-                new_layer = new_layers[kept[old]]
-                for stage in STAGES:
-                    u_new = _inputs_of(new_layer, stage[:1], h_new, stop=True)[stage[0]]
-                    stats = _gram(u_src[stage[0]], u_new)  # shared by the stage's linears
-                    for n in stage:
-                        key = f"model.layers.{kept[old]}.{n}.weight"
-                        errors[key] = _refit_one(
-                            new_layer.get_submodule(n), layer.get_submodule(n), by_name[key].rows,
-                            stats, u_src[stage[0]], u_new, damping,
-                        )  # fmt: skip
-                h_new = [(_run_layer(new_layer, h, kw), kw) for h, kw in h_new]
-            h_src = [(_run_layer(layer, h, kw), kw) for h, kw in h_src]
+            if old not in kept:
+                h_src = [(_run_layer(layer, h, kw), kw) for h, kw in h_src]
+                continue
+            new_layer = new_layers[kept[old]]
+            for stage in STAGES:
+                keys = [f"model.layers.{kept[old]}.{n}.weight" for n in stage]
+                rows = [by_name[k].rows for k in keys]
+                last = stage is STAGES[-1]  # its source pass runs the whole layer: the next input
+                stats = RefitStats(len(stage))
+                for i, ((hs, kw), (hn, kwn)) in enumerate(zip(h_src, h_new, strict=True)):
+                    u_src, y_src, out = _stage_pass(layer, stage, hs, kw, outputs=True, stop=not last)
+                    u_new, _, _ = _stage_pass(new_layer, stage, hn, kwn, outputs=False, stop=True)
+                    stats.add(u_src, u_new, y_src, rows)
+                    if last:
+                        h_src[i] = (out, kw)
+                if distributed:
+                    stats.all_reduce()
+                for j, (n, key) in enumerate(zip(stage, keys, strict=True)):
+                    errors[key] = _refit_one(
+                        new_layer.get_submodule(n), layer.get_submodule(n), rows[j], stats, j, damping
+                    )
+            h_new = [(_run_layer(new_layer, h, kw), kw) for h, kw in h_new]
     finally:
         source.train(was[0]), pruned.train(was[1])
     return errors
-
-
-def _gram(u_src: list, u_new: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """``G = sum u_new u_new^T`` and ``C = sum u_src u_new^T`` over the chunks, in float64."""
-    g = c = 0
-    for a, b in zip(u_src, u_new, strict=True):
-        a, b = a.double(), b.double()
-        g = g + b.T @ b
-        c = c + a.T @ b
-    return g, c
 
 
 def _refit_one(
     lin: nn.Linear,
     src_lin: nn.Linear,
     rows: torch.Tensor | None,
-    stats: tuple[torch.Tensor, torch.Tensor],
-    u_src: list,
-    u_new: list,
+    stats: RefitStats,
+    i: int,
     damping: float,
 ) -> tuple[float, float]:
     """Set ``lin.weight`` to the damped least-squares fit; the relative errors before and after it."""
     w = src_lin.weight.detach().double()
     if rows is not None:
         w = w[rows.to(w.device)]
-    g, c = stats
+    g = torch.as_tensor(stats.g).to(w.device)
+    wc = w @ torch.as_tensor(stats.c).to(w.device)
     cut = lin.weight.detach().double()
     lam = damping * g.diagonal().mean().clamp_min(1e-12)
     eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
-    fit = torch.linalg.solve(g + lam * eye, (w @ c + lam * cut).T).T  # G is symmetric
+    fit = torch.linalg.solve(g + lam * eye, (wc + lam * cut).T).T  # G is symmetric
     lin.weight.copy_(fit.to(lin.weight.dtype))
-    return _relative_error(w, cut, u_src, u_new), _relative_error(w, fit, u_src, u_new)
-
-
-def _relative_error(w: torch.Tensor, fit: torch.Tensor, u_src: list, u_new: list) -> float:
-    num = den = 0.0
-    for a, b in zip(u_src, u_new, strict=True):
-        y = a.double() @ w.T
-        num += float((y - b.double() @ fit.T).square().sum())
-        den += float(y.square().sum())
-    return (num / max(den, 1e-30)) ** 0.5
+    return stats.error(i, w, wc, cut), stats.error(i, w, wc, fit)
 
 
 #: Suffixes of the weights the refit changes.

@@ -15,7 +15,7 @@ from shear.export import export_plan, kept_layers
 from shear.importance import activation_importance, init_from_importance
 from shear.patch import apply_masks
 from shear.prune import PruneConfig
-from shear.refit import REFITTED, STAGES, dense_pruned, refit_masked
+from shear.refit import REFITTED, STAGES, RefitStats, dense_pruned, refit_masked
 
 DAMPING = 0.2
 
@@ -106,6 +106,51 @@ def test_refit_solves_the_damped_least_squares_layer_after_layer(kind):
     for name, p in model.named_parameters():
         outside = ~blocks.get(name, torch.zeros_like(p, dtype=torch.bool))
         assert torch.equal(p.detach()[outside], dropped_before[name][outside]), name
+
+
+def test_streamed_statistics_equal_the_all_at_once_ones():
+    """G, C and the output norms summed chunk by chunk (float32 products, float64 sums) equal the
+    float64 products over all tokens at once."""
+    g = torch.Generator().manual_seed(0)
+    u_src, u_new = torch.randn(50, 9, generator=g), torch.randn(50, 7, generator=g)
+    y = [torch.randn(50, 6, generator=g), torch.randn(50, 4, generator=g)]
+    rows = [torch.tensor([5, 0, 2]), None]
+    stats = RefitStats(2)
+    for a, b, y0, y1 in zip(u_src.split(8), u_new.split(8), y[0].split(8), y[1].split(8), strict=True):
+        stats.add(a, b, [y0, y1], rows)
+    a, b = u_src.double(), u_new.double()
+    torch.testing.assert_close(stats.g, b.T @ b, rtol=1e-6, atol=1e-5)  # float32 products of O(1) values
+    torch.testing.assert_close(stats.c, a.T @ b, rtol=1e-6, atol=1e-5)  # float32 products of O(1) values
+    expected = torch.stack([y[0].double()[:, rows[0]].square().sum(), y[1].double().square().sum()])
+    torch.testing.assert_close(stats.y, expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("kind", sorted(TINY_KINDS))
+def test_refit_errors_from_statistics_equal_errors_on_tokens(kind):
+    """The before/after errors the refit reports from G, C and Y alone equal the relative errors
+    computed on the calibration tokens, and the chunk size does not change the fit."""
+    source, model, masks, z = _cut(kind)
+    cut = _dense(model, masks, z)
+    _, other, other_masks, _ = _cut(kind)
+    errors = refit_masked(model, masks, z, _calibration(), batch_size=4, damping=DAMPING)
+    refit_masked(other, other_masks, z, _calibration(), batch_size=1, damping=DAMPING)
+    for p, q in zip(model.parameters(), other.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    refit = _dense(model, masks, z)
+    ids = _calibration()
+    u_src, u_new = _inputs(source, ids), _inputs(refit, ids)
+    plan = {s.name: s for s in export_plan(model, masks, z)[0]}
+    source_params, cut_params = dict(source.named_parameters()), dict(cut.named_parameters())
+    refit_params = dict(refit.named_parameters())
+    for new, old in enumerate(kept_layers(masks, z)):
+        for n in REFITTED:
+            key, src_key = f"model.layers.{new}.{n}", f"model.layers.{old}.{n}"
+            rows = plan[key].rows
+            w = source_params[src_key].detach().double()
+            y = u_src[src_key] @ (w[rows] if rows is not None else w).T
+            for got, fit in zip(errors[key], (cut_params[key], refit_params[key]), strict=True):
+                on_tokens = float((y - u_new[key] @ fit.detach().double().T).norm() / y.norm())
+                assert got == pytest.approx(on_tokens, rel=1e-4, abs=1e-4), key
 
 
 @pytest.mark.parametrize("kind", sorted(TINY_KINDS))
