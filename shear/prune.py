@@ -259,8 +259,6 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
     target = resolve_target(source, cfg.target)
     check_prunes(source, target, cfg.model)
     ctx = start_run(cfg)
-    if cfg.refit and ctx.parallel.sharded:  # said before the model loads
-        raise ShearError("--refit needs the whole model on every rank: run it without FSDP sharding")
     model, tokenizer = ctx.parallel.load(cfg.model)
     model = ctx.parallel.shard(model)
     if tokenizer is None:
@@ -339,7 +337,10 @@ def _refit(ctx: RunContext, task: PruneTask, corpus: Corpus) -> None:
     calibration = calibration_batch(corpus, rows)
     z = keep_indicators(task.masks) if cfg.steps == 0 else task.masks.deterministic()
     ctx.say(f"refitting the kept weights to the source on {len(calibration)} calibration sequences")
-    errors = refit_masked(task.model, task.masks, z, calibration, cfg.batch_size, cfg.refit)
+    # under torchrun every rank streams its share of the sequences (shear.refit)
+    errors = refit_masked(
+        task.model, task.masks, z, calibration, cfg.batch_size, cfg.refit, ctx.parallel.world > 1
+    )
     before, after = (sum(e[i] for e in errors.values()) / len(errors) for i in (0, 1))
     ctx.say(f"relative reconstruction error of the kept linears: {before:.3f} cut, {after:.3f} refitted")
     if ctx.main:

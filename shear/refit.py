@@ -42,11 +42,17 @@ torchrun each rank streams its share of the sequences and the statistics are all
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
 from functools import partial
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from shear.arch import Arch
 from shear.errors import ShearError
@@ -62,7 +68,48 @@ class _Stop(Exception):
     """Raised by a capture hook to end a forward pass once the input it wants is seen."""
 
 
-def _first_layer_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int) -> list[tuple]:
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A tensor as a whole: a sharded one (FSDP) is all-gathered (every rank must call)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+@contextmanager
+def _unsharded(module: nn.Module) -> Iterator[None]:
+    """FSDP: the module's own parameters gathered for the block (every rank must enter it),
+    resharded after it; anything else as it is."""
+    if not isinstance(module, FSDPModule):
+        yield
+        return
+    module.unshard()
+    try:
+        yield
+    finally:
+        module.reshard()
+
+
+def _call(module: nn.Module, *args, **kwargs):
+    # an FSDP module's hooks would gather and free its parameters around every call (one
+    # collective per chunk, skipped when a pass stops early): its caller holds them gathered
+    return module.forward(*args, **kwargs) if isinstance(module, FSDPModule) else module(*args, **kwargs)
+
+
+def _chunks(input_ids: torch.Tensor, batch_size: int, distributed: bool) -> list[torch.Tensor]:
+    """The chunks this process streams: all sequences by ``batch_size``, or (``distributed``)
+    this rank's share, in as many chunks on every rank (FSDP gathers in lockstep)."""
+    if not distributed:
+        return list(input_ids.split(batch_size))
+    world = dist.get_world_size()
+    count = math.ceil(math.ceil(len(input_ids) / world) / batch_size)
+    chunks = list(input_ids.tensor_split(world)[dist.get_rank()].tensor_split(count))
+    if any(len(c) == 0 for c in chunks):  # the same on every rank: decided by the sizes alone
+        raise ShearError(
+            f"{len(input_ids)} refit sequences over {world} ranks leave a rank with fewer than {count} "
+            f"chunks of --batch-size {batch_size}: give at least {world * count} sequences"
+        )
+    return chunks
+
+
+def _first_layer_inputs(model: nn.Module, chunks: Sequence[torch.Tensor]) -> list[tuple]:
     """``(hidden_states, kwargs)`` entering the first decoder layer, per chunk of sequences."""
     out: list[tuple] = []
     layer0 = model.base_model.layers[0]
@@ -73,21 +120,22 @@ def _first_layer_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: i
         out.append((hidden, {k: v for k, v in kwargs.items() if k != "past_key_values"}))
         raise _Stop
 
-    handle = layer0.register_forward_pre_hook(grab, with_kwargs=True)
+    handle = layer0.register_forward_pre_hook(grab, with_kwargs=True, prepend=True)  # before FSDP's
     device = next(model.parameters()).device
     try:
-        for chunk in input_ids.split(batch_size):
-            try:
-                model(chunk.to(device), use_cache=False)
-            except _Stop:
-                pass
+        with _unsharded(model):
+            for chunk in chunks:
+                try:
+                    _call(model, chunk.to(device), use_cache=False)
+                except _Stop:
+                    pass
     finally:
         handle.remove()
     return out
 
 
 def _run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    out = layer(hidden, **kwargs)
+    out = _call(layer, hidden, **kwargs)
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -167,12 +215,12 @@ class RefitStats:
         self.c = flat[g.numel() : g.numel() + c.numel()].view_as(c)
         self.y = flat[g.numel() + c.numel() :].cpu()
 
-    def error(self, i: int, w: torch.Tensor, wc: torch.Tensor, fit: torch.Tensor) -> float:
+    def error(self, i: int, wc: torch.Tensor, fit: torch.Tensor, fit_g: torch.Tensor) -> float:
         """Relative error ``||W u_src - W' u|| / ||W u_src||`` over the tokens of linear ``i``
-        (``w = W_src[rows]``, ``wc = w @ C``, ``fit = W'``), from the statistics alone:
+        (``wc = W_src[rows] C``, ``fit = W'``, ``fit_g = W' G``), from the statistics alone:
         ``||.||^2 = Y - 2 <W C, W'> + <W' G, W'>``."""
         y = float(self.y[i])
-        num = y - 2 * float((wc * fit).sum()) + float((fit @ self.g * fit).sum())
+        num = y - 2 * float((wc * fit).sum()) + float((fit_g * fit).sum())
         return (max(num, 0.0) / max(y, 1e-30)) ** 0.5
 
 
@@ -218,11 +266,12 @@ def refit_pruned(
     was = source.training, pruned.training
     source.eval(), pruned.eval()
     try:
-        h_src = _first_layer_inputs(source, input_ids, batch_size)
-        h_new = _first_layer_inputs(pruned, input_ids, batch_size)
+        chunks = _chunks(input_ids, batch_size, distributed)
+        h_src, h_new = _first_layer_inputs(source, chunks), _first_layer_inputs(pruned, chunks)
         for old, layer in enumerate(src_layers):
             if old not in kept:
-                h_src = [(_run_layer(layer, h, kw), kw) for h, kw in h_src]
+                with _unsharded(layer):
+                    h_src = [(_run_layer(layer, h, kw), kw) for h, kw in h_src]
                 continue
             new_layer = new_layers[kept[old]]
             for stage in STAGES:
@@ -230,18 +279,21 @@ def refit_pruned(
                 rows = [by_name[k].rows for k in keys]
                 last = stage is STAGES[-1]  # its source pass runs the whole layer: the next input
                 stats = RefitStats(len(stage))
-                for i, ((hs, kw), (hn, kwn)) in enumerate(zip(h_src, h_new, strict=True)):
-                    u_src, y_src, out = _stage_pass(layer, stage, hs, kw, outputs=True, stop=not last)
-                    u_new, _, _ = _stage_pass(new_layer, stage, hn, kwn, outputs=False, stop=True)
-                    stats.add(u_src, u_new, y_src, rows)
-                    if last:
-                        h_src[i] = (out, kw)
+                with _unsharded(layer):
+                    for i, ((hs, kw), (hn, kwn)) in enumerate(zip(h_src, h_new, strict=True)):
+                        u_src, y_src, out = _stage_pass(layer, stage, hs, kw, outputs=True, stop=not last)
+                        u_new, _, _ = _stage_pass(new_layer, stage, hn, kwn, outputs=False, stop=True)
+                        stats.add(u_src, u_new, y_src, rows)
+                        if last:
+                            h_src[i] = (out, kw)
                 if distributed:
                     stats.all_reduce()
+                g = torch.as_tensor(stats.g)
+                lam = damping * g.diagonal().mean().clamp_min(1e-12)
+                # G + lam I, factored once for the stage's linears (symmetric positive definite)
+                chol = torch.linalg.cholesky(g + lam * torch.eye(g.shape[0], dtype=g.dtype, device=g.device))
                 for j, (n, key) in enumerate(zip(stage, keys, strict=True)):
-                    errors[key] = _refit_one(
-                        new_layer.get_submodule(n), layer.get_submodule(n), rows[j], stats, j, damping
-                    )
+                    errors[key] = _refit_one(new_layer.get_submodule(n), by_name[key], stats, j, chol, lam)
             h_new = [(_run_layer(new_layer, h, kw), kw) for h, kw in h_new]
     finally:
         source.train(was[0]), pruned.train(was[1])
@@ -250,24 +302,23 @@ def refit_pruned(
 
 def _refit_one(
     lin: nn.Linear,
-    src_lin: nn.Linear,
-    rows: torch.Tensor | None,
+    spec: GatherSpec,
     stats: RefitStats,
     i: int,
-    damping: float,
+    chol: torch.Tensor,
+    lam: torch.Tensor,
 ) -> tuple[float, float]:
-    """Set ``lin.weight`` to the damped least-squares fit; the relative errors before and after it."""
-    w = src_lin.weight.detach().double()
-    if rows is not None:
-        w = w[rows.to(w.device)]
-    g = torch.as_tensor(stats.g).to(w.device)
+    """Set ``lin.weight`` to the damped least-squares fit (``chol``: the Cholesky factor of
+    ``G + lam I``); the relative errors before and after it."""
+    w = _full(spec.src).detach().double()  # the source's weight as stored (FSDP: its shards)
+    if spec.rows is not None:
+        w = w[spec.rows.to(w.device)]
     wc = w @ torch.as_tensor(stats.c).to(w.device)
     cut = lin.weight.detach().double()
-    lam = damping * g.diagonal().mean().clamp_min(1e-12)
-    eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
-    fit = torch.linalg.solve(g + lam * eye, (wc + lam * cut).T).T  # G is symmetric
+    fit = torch.cholesky_solve((wc + lam * cut).T, chol).T  # G is symmetric
     lin.weight.copy_(fit.to(lin.weight.dtype))
-    return stats.error(i, w, wc, cut), stats.error(i, w, wc, fit)
+    # W' (G + lam I) = W C + lam W_cut gives W' G without another d^3 product
+    return stats.error(i, wc, cut, cut @ stats.g), stats.error(i, wc, fit, wc + lam * (cut - fit))
 
 
 #: Suffixes of the weights the refit changes.
@@ -307,6 +358,7 @@ def refit_masked(
     input_ids: torch.Tensor,
     batch_size: int = 4,
     damping: float = 0.3,
+    distributed: bool = False,
 ) -> dict[str, tuple[float, float]]:
     """Refit the units a masked model keeps under ``z``, in place (module docstring).
 
@@ -316,13 +368,20 @@ def refit_masked(
     change, so the refit belongs to a choice that no longer changes: masks frozen from the
     first step, or a one-shot export.
 
+    Under torchrun (``distributed``) every rank calls it with the same arguments and streams
+    its share of ``input_ids``; every rank ends with the same weights. A sharded (FSDP2)
+    model stays sharded but for the layer being refitted, gathered for its forward passes;
+    every rank holds the dense pruned model, gathered one source tensor at a time, and the
+    refitted blocks are written back into the shards.
+
     Args:
         model: the model with ``masks`` attached, its weights still the source's.
         masks: its masks.
         z: the mask values the pruned model is made of (deterministic or fixed).
-        input_ids: ``[n, seq_len]`` calibration sequences.
+        input_ids: ``[n, seq_len]`` calibration sequences (all of them, on every rank).
         batch_size: sequences per forward pass.
         damping: see :func:`refit_pruned`.
+        distributed: as :func:`refit_pruned`.
 
     Returns:
         As :func:`refit_pruned`.
@@ -330,10 +389,12 @@ def refit_masked(
     from shear.patch import attach_masks, remove_masks
 
     plan, arch = export_plan(model, masks, z)
-    pruned = dense_pruned(model, plan, arch, kept_layers(masks, z))
+    whole = [replace(s, src=_full(s.src)) for s in plan]  # FSDP: one source tensor at a time
+    pruned = dense_pruned(model, whole, arch, kept_layers(masks, z))
+    del whole
     remove_masks(model)
     try:
-        errors = refit_pruned(model, pruned, plan, input_ids, batch_size, damping)
+        errors = refit_pruned(model, pruned, plan, input_ids, batch_size, damping, distributed)
     finally:
         attach_masks(model, masks)
     fitted = dict(pruned.named_parameters())
@@ -345,8 +406,10 @@ def refit_masked(
             w = w / spec.row_scale.to(w)[:, None]
         if spec.col_scale is not None:
             w = w / spec.col_scale.to(w)[None, :]
-        src = spec.src
+        src = _full(spec.src)
         rows = spec.rows if spec.rows is not None else torch.arange(src.shape[0])
         cols = spec.cols if spec.cols is not None else torch.arange(src.shape[1])
         src.index_put_((rows.to(src.device)[:, None], cols.to(src.device)[None, :]), w.to(src))
+        if src is not spec.src:  # back into this rank's shard
+            spec.src.copy_(distribute_tensor(src, spec.src.device_mesh, spec.src.placements))
     return errors

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,9 +29,12 @@ def _calibration(n: int = 6, seq: int = 16) -> torch.Tensor:
     return torch.randint(0, 101, (n, seq), generator=torch.Generator().manual_seed(3))
 
 
-def _cut(kind: str):
-    """(source, masked model, masks, z): the importance choice of a tiny model, masks attached."""
+def _cut(kind: str, shard=None):
+    """(source, masked model, masks, z): the importance choice of a tiny model, masks attached
+    (after ``shard`` prepared the model, as a run does)."""
     source, model = make_tiny(kind), make_tiny(kind)
+    if shard is not None:
+        model = shard(model)
     arch = Arch.from_config(model.config)
     scores = activation_importance(source, arch, _calibration())
     masks = apply_masks(model, TINY_TARGETS[kind])
@@ -207,3 +215,64 @@ def test_pruning_run_trains_from_the_refitted_weights(tiny_source, data_dir, tmp
     assert (out / "refit.json").exists()
     log = [json.loads(x) for x in open(out / "log.jsonl") if '"loss"' in x]
     assert len(log) == 2 and all(math.isfinite(x["loss"]) for x in log)
+
+
+_DISTRIBUTED = textwrap.dedent(
+    """
+    import json, sys
+    import torch, torch.distributed as dist
+    from safetensors.torch import save_file
+    from torch.distributed.tensor import DTensor
+    from shear.parallel import Parallel
+    from shear.refit import refit_masked
+    from test_refit import DAMPING, KIND, _calibration, _cut
+
+    strategy, out = sys.argv[1:3]
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    parallel = Parallel(strategy, rank, dist.get_world_size(), torch.device("cpu"))
+    _, model, masks, z = _cut(KIND, shard=parallel.shard)
+    errors = refit_masked(model, masks, z, _calibration(), batch_size=2, damping=DAMPING, distributed=True)
+    assert all(isinstance(p, DTensor) for p in model.parameters()) == (strategy == "fsdp")
+    state = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+             for n, p in model.named_parameters()}
+    save_file(state, f"{out}/rank{rank}.safetensors")
+    with open(f"{out}/errors{rank}.json", "w") as f:
+        json.dump(errors, f)
+    dist.destroy_process_group()
+    """
+)
+KIND = "llama_gqa_bias_untied"  # GQA with biases
+
+
+@pytest.mark.parametrize("strategy,port", [("ddp", 29671), ("fsdp", 29672)])
+def test_refit_on_two_ranks_equals_one_process(strategy, port, tmp_path):
+    """Under torchrun (2 gloo ranks) each rank streams half the sequences, the statistics are
+    all-reduced, and every rank ends with the single-process refit's weights and errors; under
+    FSDP the model stays sharded and the new weights are in its shards."""
+    from safetensors.torch import load_file
+
+    script = tmp_path / "refit_ranks.py"
+    script.write_text(_DISTRIBUTED)
+    tests = str(Path(__file__).resolve().parent)
+    env = dict(
+        os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+         str(script), strategy, str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, model, masks, z = _cut(KIND)
+    errors = refit_masked(model, masks, z, _calibration(), batch_size=4, damping=DAMPING)
+    one = dict(model.named_parameters())
+    for rank in range(2):
+        state = load_file(tmp_path / f"rank{rank}.safetensors")
+        assert state.keys() == one.keys()
+        for name, p in one.items():
+            torch.testing.assert_close(state[name], p.detach(), rtol=1e-5, atol=1e-6, msg=name)
+        got = json.loads((tmp_path / f"errors{rank}.json").read_text())
+        assert got.keys() == errors.keys()
+        for key, (before, after) in errors.items():
+            assert got[key] == pytest.approx([before, after], rel=1e-4, abs=1e-5), key
