@@ -16,11 +16,12 @@ Each (setting, implementation) runs in its own process, so the peak memory is th
 process's peak resident set (VmHWM, reset through ``/proc/self/clear_refs`` once the models
 are built) above its level before the refit; the time is wall-clock. The same process also
 times one forward pass of the source and one of the pruned model over the same tokens in
-the same chunks (the goal: refit <= 2x their sum). ``--precision`` adds the refitted
-weights with float32 against float64 chunk products (:data:`shear.refit.PRODUCT_DTYPE`).
+the same chunks (the goal: refit <= 2x their sum). ``--precision SETTING...`` adds, for those settings,
+the refitted weights with float32 against float64 chunk products
+(:data:`shear.refit.PRODUCT_DTYPE`).
 
 Run: python benchmarks/report_refit.py [--demo-sequences 32] [--llama-sequences 8]
-     [--json refit.json] [--old-ref main]
+     [--precision demo] [--json refit.json] [--old-ref main]
 """
 
 from __future__ import annotations
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--old-ref", default="main")
     p.add_argument("--settings", nargs="+", default=["demo", "llama7b"], choices=["demo", "llama7b"])
     p.add_argument("--json", type=Path, default=Path("refit.json"))
-    p.add_argument("--precision", action="store_true")
+    p.add_argument("--precision", nargs="*", default=[], choices=["demo", "llama7b"], metavar="SETTING")
     p.add_argument("--one", nargs=2, metavar=("SETTING", "IMPL"), help=argparse.SUPPRESS)  # the child
     p.add_argument("--precision-of", help=argparse.SUPPRESS)  # the child
     args = p.parse_args(argv)
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         r["sequences"] = sequences[setting]
         r["new_over_forwards"] = r["new"]["refit_s"] / forwards
         r["old_over_forwards"] = r["old"]["refit_s"] / forwards
-        if args.precision:
+        if setting in args.precision:
             r["precision"] = _child(args, "--precision-of", setting)
         result["settings"][setting] = r
         print(json.dumps({setting: r}, indent=1), flush=True)
