@@ -668,7 +668,8 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument(
         "--one-shot",
         action="store_true",
-        help="no training: export the one-shot choice of activation importance (= --steps 0)",
+        help="no training: export the one-shot choice of activation importance (= --steps 0; the "
+        "default recipe still refits it: --recipe one-shot exports the plain cut)",
     )
     pp.add_argument(
         "--no-export",
