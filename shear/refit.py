@@ -100,13 +100,12 @@ def _chunks(input_ids: torch.Tensor, batch_size: int, distributed: bool) -> list
         return list(input_ids.split(batch_size))
     world = dist.get_world_size()
     count = math.ceil(math.ceil(len(input_ids) / world) / batch_size)
-    chunks = list(input_ids.tensor_split(world)[dist.get_rank()].tensor_split(count))
-    if any(len(c) == 0 for c in chunks):  # the same on every rank: decided by the sizes alone
+    if len(input_ids) // world < count:  # the smallest share: the same decision on every rank
         raise ShearError(
             f"{len(input_ids)} refit sequences over {world} ranks leave a rank with fewer than {count} "
             f"chunks of --batch-size {batch_size}: give at least {world * count} sequences"
         )
-    return chunks
+    return list(input_ids.tensor_split(world)[dist.get_rank()].tensor_split(count))
 
 
 def _first_layer_inputs(model: nn.Module, chunks: Sequence[torch.Tensor]) -> list[tuple]:

@@ -276,3 +276,17 @@ def test_refit_on_two_ranks_equals_one_process(strategy, port, tmp_path):
         assert got.keys() == errors.keys()
         for key, (before, after) in errors.items():
             assert got[key] == pytest.approx([before, after], rel=1e-4, abs=1e-5), key
+
+
+def test_refit_shares_need_a_sequence_per_chunk_on_every_rank(monkeypatch):
+    """Every rank streams as many chunks (FSDP gathers in lockstep): too few sequences for the
+    ranks are refused by the same rule on every rank, before any collective."""
+    import shear.refit as refit
+
+    monkeypatch.setattr(refit.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(refit.dist, "get_rank", lambda: 0)
+    with pytest.raises(ShearError, match="give at least 4 sequences"):
+        refit._chunks(torch.zeros(3, 5, dtype=torch.long), 1, distributed=True)
+    assert [len(c) for c in refit._chunks(torch.zeros(5, 5, dtype=torch.long), 2, distributed=True)] == [2, 1]
+    monkeypatch.setattr(refit.dist, "get_rank", lambda: 1)
+    assert [len(c) for c in refit._chunks(torch.zeros(5, 5, dtype=torch.long), 2, distributed=True)] == [1, 1]
