@@ -21,11 +21,12 @@ tokens in all). Variants:
     loss, the paper's dynamic loading (eta 1, no floor); then T steps of ``shear train``
     with the same rule.
 ``importance``
-    shear's CPU demo defaults: masks initialised from importance and frozen from the first
-    step (``--freeze-masks 1``), the kept weights refitted to the source on 128 training
-    sequences (``--refit 0.3 --refit-sequences 128``), then T steps of ``shear train``.
+    shear's default recipe (``importance-refit``, :mod:`shear.recipes`): masks initialised
+    from importance and frozen from the first step (``--freeze-masks 1``), the kept weights
+    refitted to the source on 128 training sequences (``--refit 0.3 --refit-sequences 128``),
+    then T steps of ``shear train``.
 ``joint``
-    masks initialised from importance and learned jointly with the weights for the first
+    (recipe ``joint``) masks initialised from importance and learned jointly with the weights for the first
     half of the pruning stage (``--freeze-masks 0.5``, log_alpha at 0.3), frozen after.
 ``search``
     40 steps of mask search on the calibration sequences, weights frozen
@@ -60,6 +61,7 @@ from typing import Any
 from shear.checkpoint import write_text_atomic
 from shear.cli import DEMO_BUDGET_CPU, DEMO_TARGET
 from shear.prune import PruneConfig, run_prune
+from shear.recipes import RECIPES
 from shear.runfolder import LOG_FILE, RunLog
 from shear.train import run_train
 from shear.trainer import TrainConfig
@@ -70,15 +72,10 @@ VARIANTS = (
 )  # fmt: skip
 #: Distillation from the source in both stages: half LM loss, half KL.
 DISTILL = dict(distill_weight=0.5)
-#: The paper's dynamic batch loading: step 1 on the loss gap, no floor.
-PAPER_DYNAMIC = dict(dynamic_eta=1.0, min_domain_weight=0.0)
-#: The paper's pruning: uniform initialisation, masks learned to the last step.
-PAPER_PRUNING = dict(init="uniform", freeze_masks=0.0, search_steps=0, refit=0.0, **PAPER_DYNAMIC)
+#: The paper's dynamic batch loading (its recipe's, shear.recipes): step 1 on the loss gap, no floor.
+PAPER_DYNAMIC = {k: RECIPES["paper"][k] for k in ("dynamic_eta", "min_domain_weight")}
 #: Other ways of learning the masks from the importance choice (see the module docstring).
-MASK_LEARNING = {
-    "joint": dict(freeze_masks=0.5, lr_masks=0.3, refit=0.0),  # a refit needs masks that stay put
-    "search": dict(search_steps=40, lr_masks=0.1),
-}
+MASK_LEARNING = {"joint": dict(recipe="joint", lr_masks=0.3), "search": dict(recipe="search", lr_masks=0.1)}
 
 
 def _prune(out: Path, common: dict[str, Any], **kw: Any) -> dict[str, Any]:
@@ -149,7 +146,7 @@ def run_quality(
     results: dict[str, Any] = {"seed": seed, "variants": {}}
 
     # the baseline a user would pick (Minitron's): the importance choice as cut, no refit
-    one_shot = _prune(out / "one-shot" / "prune", prune_common, steps=0, search_steps=0, refit=0.0)
+    one_shot = _prune(out / "one-shot" / "prune", prune_common, recipe="one-shot", steps=0)
     results["source"] = one_shot["source"]
     train_common["reference_losses"] = one_shot["source"]
     for name in variants:
@@ -178,7 +175,7 @@ def run_quality(
             export = out / name / "prune" / "export"
             final = _train(out / name / "train", export, train_common, teacher=model, **DISTILL)
         elif name == "paper":
-            r = _prune(out / name / "prune", prune_common, **PAPER_PRUNING)
+            r = _prune(out / name / "prune", prune_common, recipe="paper")
             export = out / name / "prune" / "export"
             final = _train(out / name / "train", export, train_common, **PAPER_DYNAMIC)
         elif name in MASK_LEARNING:

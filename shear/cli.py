@@ -245,6 +245,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 #: Help of the options generated from the run configs (shear.trainer.TrainConfig, PruneConfig).
 _OPTION_HELP = {
+    "recipe": "named pruning recipe that fills the options marked 'from --recipe' when they are not "
+    "given: importance-refit (importance masks frozen from step 0, refit 0.3 on 128 sequences: what "
+    "benchmarks/RESULTS.md shows winning), paper, one-shot, frozen, joint or search (shear.recipes)",
     "steps": "optimiser steps",
     "batch_size": "sequences per micro-batch (global, across ranks)",
     "grad_accum": "micro-batches per optimiser step (pruning: one mask sample each)",
@@ -264,7 +267,7 @@ _OPTION_HELP = {
     "refit": "least-squares refit of the kept weights to the source's layer outputs on the "
     "calibration sequences, held near the cut weights with this strength (0: no refit; needs "
     "--freeze-masks 1 or --one-shot; see shear.refit)",
-    "refit_sequences": "training sequences the --refit fits on (default: --calibration-sequences; "
+    "refit_sequences": "training sequences the --refit fits on (None: --calibration-sequences; "
     "the importance's rows come first)",
     "rank_steps": "with a budget --target: training steps of each candidate before it is scored (0: the "
     "one-shot cut + refit alone; see shear.budget)",
@@ -339,10 +342,14 @@ def _add_run_options(p: argparse.ArgumentParser, config: type, defaults: dict[st
         help="recompute each decoder layer's activations in the backward pass (less memory, "
         "about a third more compute)",
     )
+    from shear.recipes import RECIPE_OPTIONS
+
     for f in dataclasses.fields(config):
         if f.name not in _OPTION_HELP:
             continue
         default = defaults.get(f.name, f.default)
+        if default is None and f.name in RECIPE_OPTIONS and config.TASK == "prune":
+            default = "from --recipe"
         kind = {"int": int, "float": float, "str": str}.get(str(f.type).split(" ")[0], None)
         kind = kind or (int if f.name in ("max_train_sequences", "stop_after") else str)
         p.add_argument(
@@ -588,8 +595,8 @@ DEMO_TARGET = "layers=24,hidden=384,heads=6,kv_heads=2,intermediate=1024"
 #: The paper spreads its schedule over 3200 steps (320 of learning-rate warm-up, 640 of target
 #: warm-up). Weight updates come every 20 steps instead of the paper's 50 (pruning) and 400
 #: (continued pre-training), so a short run still shows several; both stages train the weights at
-#: 3e-4 to recover faster in few steps. The masks start from activation importance (the default)
-#: and the CPU demo freezes them from the first step (`freeze_masks=1.0`): at this budget every
+#: 3e-4 to recover faster in few steps. Both budgets run the default recipe (shear.recipes): the
+#: masks start from activation importance and stay frozen from the first step: at this budget every
 #: form of mask learning measured so far (joint learning under sampled masks, a search on the
 #: calibration sequences, gradual fading) gave a worse model after training than keeping the
 #: importance choice (benchmarks/RESULTS.md), so the pruning stage trains that architecture.
@@ -599,14 +606,14 @@ DEMO_TARGET = "layers=24,hidden=384,heads=6,kv_heads=2,intermediate=1024"
 #: The pruning stage keeps its learning rate after the warm-up (min_lr_ratio=1.0) and continued
 #: pre-training decays it, so the two stages make one schedule as the baseline's single run does;
 #: decaying to 0.1x by the end of pruning left continued pre-training behind (RESULTS.md, repeats).
-#: Before the first step the kept weights are refitted to the source's layer outputs, held near
+#: The recipe also refits the kept weights before the first step to the source's layer outputs, held near
 #: the cut weights (refit=0.3, shear/refit.py), on 128 training sequences (the importance's 32
 #: first): fitted on the 32 alone, the refit overfit them and the final model lost wiki in three
 #: seeds of three; the plain least-squares fit (no pull toward the cut) was worse (RESULTS.md).
 DEMO_BUDGET_CPU = {
     "prune": dict(steps=80, batch_size=4, seq_len=128, eval_interval=20, checkpoint_interval=40,
                   target_warmup=0.5, lr_warmup=0.1, lr_weights=3e-4, min_lr_ratio=1.0, lr_masks=0.3,
-                  lr_lambdas=1.0, dynamic_interval=20, freeze_masks=1.0, refit=0.3, refit_sequences=128),
+                  lr_lambdas=1.0, dynamic_interval=20),
     "train": dict(steps=60, batch_size=4, seq_len=128, eval_interval=20, checkpoint_interval=30,
                   lr_warmup=0.1, lr_weights=3e-4, dynamic_interval=20),
 }  # fmt: skip
@@ -766,7 +773,8 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument(
         "--one-shot",
         action="store_true",
-        help="no training: export the one-shot choice of activation importance (= --steps 0)",
+        help="no training: export the one-shot choice of activation importance (= --steps 0; the "
+        "default recipe still refits it: --recipe one-shot exports the plain cut)",
     )
     pp.add_argument(
         "--no-export",

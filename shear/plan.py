@@ -24,13 +24,14 @@ holds at its peak, in bytes:
   optimiser state;
 * refit (``--refit``): the least-squares refit at the cut runs before the first step,
   when there are no gradients, no optimiser state and no training activations yet. It
-  holds the float64 statistics of the largest group of linears that share an input
-  (``G = d x d`` over the pruned inputs, ``C = D x d``, ``A = D x D`` over the source's;
-  for down_proj the widths are the MLP's), the dense pruned model (fp32, on every rank),
-  the inputs of the layer being refitted for the rank's share of the refit sequences
-  (source and pruned hidden states, fp32) and one chunk of activations: one micro-batch
-  per rank (``--batch-size / N`` sequences) through a source and a pruned layer (fp32, no
-  autograd) with the group's inputs in float64. The total is the larger of the two phases:
+  streams (:mod:`shear.refit`): it holds the float64 statistics of the largest group of
+  linears that share an input (``G = d x d`` over the pruned inputs and its Cholesky
+  factor, ``C = D x d`` against the source's, one linear's ``W_src C``; for down_proj the
+  widths are the MLP's), the dense pruned model (fp32, on every rank), the hidden states
+  entering the layer being refitted for the rank's share of the refit sequences (source
+  and pruned, fp32) and one chunk of activations: one micro-batch per rank
+  (``--batch-size / N`` sequences) through a source and a pruned layer (fp32, no autograd)
+  with the group's inputs cast for the float32 products. The total is the larger of the two phases:
   weights, masks and teacher plus either training's gradients, optimiser state and
   activations, or the refit.
 
@@ -140,15 +141,19 @@ def _refit_bytes(source: Arch, target: Arch, sequences: int, chunk: int, seq_len
         sequences: the rank's share of the refit sequences.
         chunk: sequences per forward pass on the rank.
     """
-    widths = (  # (source, pruned) input widths of each group of linears that share an input
-        (source.hidden, target.hidden),  # q/k/v, and gate/up
-        (source.heads * source.head_dim, target.heads * target.head_dim),  # o_proj
-        (source.intermediate, target.intermediate),  # down_proj
+    attention = target.heads * target.head_dim
+    widths = (  # (source, pruned) input widths of each group of linears that share an input, and
+        # the most output rows of one of its pruned linears
+        (source.hidden, target.hidden, attention),  # q/k/v
+        (source.hidden, target.hidden, target.intermediate),  # gate/up
+        (source.heads * source.head_dim, attention, target.hidden),  # o_proj
+        (source.intermediate, target.intermediate, target.hidden),  # down_proj
     )
-    stats = max(8 * (d * d + big * d + big * big) for big, d in widths)
+    # float64: G and its Cholesky factor (d x d), C (D x d), one linear's W_src C (rows x d)
+    stats = max(8 * (2 * d * d + big * d + rows * d) for big, d, rows in widths)
     inputs = sequences * seq_len * (source.hidden + target.hidden) * 4
     per_token = 4 * (_layer_activations(source, False) + _layer_activations(target, False))
-    per_token += 8 * max(big + d for big, d in widths)  # the group's inputs in float64
+    per_token += 4 * max(big + d for big, d, _ in widths)  # the group's inputs (float32 products)
     return stats + 4 * target.total_params() + inputs + chunk * seq_len * per_token
 
 

@@ -52,6 +52,7 @@ from shear.importance import (
 from shear.lagrangian import Lagrangian, build_optimizer
 from shear.masks import HardConcreteMasks
 from shear.patch import attach_masks
+from shear.recipes import DEFAULT_RECIPE, RECIPE_OPTIONS, recipe_options
 from shear.runfolder import hold_run_lock
 from shear.target import resolve_target
 from shear.trainer import (
@@ -69,19 +70,27 @@ from shear.trainer import (
 
 @dataclass(kw_only=True)
 class PruneConfig(TrainConfig):
-    """Options of ``shear prune`` (see ``shear prune --help`` for each one's meaning)."""
+    """Options of ``shear prune`` (see ``shear prune --help`` for each one's meaning).
+
+    The options left at None are filled from ``recipe`` (:mod:`shear.recipes`) when the
+    config is made; those given explicitly stay as given.
+    """
 
     target: str
+    recipe: str = DEFAULT_RECIPE
+    steps: int | None = None
+    dynamic_eta: float | None = None
+    min_domain_weight: float | None = None
     lr_masks: float = 1.0
     lr_lambdas: float = 1.0
     target_warmup: float = 0.2
     mask_types: list[str] | None = None
     dynamic_interval: int = 50
-    init: str = "importance"
+    init: str | None = None
     calibration_sequences: int = 32
-    freeze_masks: float = 0.0
-    search_steps: int = 0
-    refit: float = 0.0
+    freeze_masks: float | None = None
+    search_steps: int | None = None
+    refit: float | None = None
     refit_sequences: int | None = None
     rank_steps: int = 0
     #: the budget the target was chosen from (``--target params=60M``; shear.budget), else None
@@ -89,6 +98,20 @@ class PruneConfig(TrainConfig):
 
     TASK: ClassVar[str] = "prune"
     MIN_STEPS: ClassVar[int] = 0
+
+    def __post_init__(self) -> None:
+        for name, value in recipe_options(self.recipe).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+
+    def recipe_record(self) -> dict[str, Any]:
+        """The recipe and the options it governs as resolved (the log, checkpoint and report's)."""
+        return {"recipe": self.recipe, "options": {n: getattr(self, n) for n in RECIPE_OPTIONS}}
+
+    def recipe_summary(self) -> str:
+        """:meth:`recipe_record` in one line."""
+        resolved = ", ".join(f"{n}={v}" for n, v in self.recipe_record()["options"].items())
+        return f"recipe {self.recipe}: {resolved}"
 
     def check(self) -> None:
         """Raise ShearError for option values that cannot work."""
@@ -168,6 +191,7 @@ class PruneTask:
     def __init__(self, cfg: PruneConfig, model: nn.Module, masks: HardConcreteMasks, gen: torch.Generator):
         self.model, self.masks, self.gen = model, masks, gen
         self.source_model = cfg.model  # recorded in the export: `shear train` distils from it
+        self.recipe = cfg.recipe_record()  # recorded in the checkpoint
         if cfg.init == "importance":  # decided from the start: hold them there, no ramp
             start = final = decided_sparsity(masks)
         else:  # the paper's: ramp from where the initialisation puts the masks (~0) to 1 - k / n
@@ -222,6 +246,7 @@ class PruneTask:
             "masks": self.masks.state_dict(),
             "lagrangian": self.lagrangian.state_dict(),
             "mask_rng": self.gen.get_state(),
+            "recipe": self.recipe,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -277,8 +302,9 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
     if ranking is not None and ctx.main:
         write_text_atomic(ctx.out / "budget.json", json.dumps(ranking, indent=2) + "\n")
         ctx.say(f"budget {cfg.budget}: chose {cfg.target} (candidates in budget.json)")
-    if cfg.refit and ctx.parallel.sharded:  # said before the model loads
-        raise ShearError("--refit needs the whole model on every rank: run it without FSDP sharding")
+    ctx.say(cfg.recipe_summary())
+    if ctx.main and not cfg.resume:
+        ctx.log.write(cfg.recipe_record())
     model, tokenizer = ctx.parallel.load(cfg.model)
     model = ctx.parallel.shard(model)
     if tokenizer is None:
@@ -370,7 +396,10 @@ def _refit(ctx: RunContext, task: PruneTask, corpus: Corpus) -> None:
     calibration = calibration_batch(corpus, rows)
     z = keep_indicators(task.masks) if cfg.steps == 0 else task.masks.deterministic()
     ctx.say(f"refitting the kept weights to the source on {len(calibration)} calibration sequences")
-    errors = refit_masked(task.model, task.masks, z, calibration, cfg.batch_size, cfg.refit)
+    # under torchrun every rank streams its share of the sequences (shear.refit)
+    errors = refit_masked(
+        task.model, task.masks, z, calibration, cfg.batch_size, cfg.refit, ctx.parallel.world > 1
+    )
     before, after = (sum(e[i] for e in errors.values()) / len(errors) for i in (0, 1))
     ctx.say(f"relative reconstruction error of the kept linears: {before:.3f} cut, {after:.3f} refitted")
     if ctx.main:

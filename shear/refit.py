@@ -25,16 +25,34 @@ recovers far worse in training (RESULTS.md). The fit is therefore held near the 
 
 ``damping`` 0 is the plain fit, large values keep the cut. :func:`refit_masked` refits the
 choice of a masked model in place (``shear prune --refit``); :func:`refit_pruned` works on a
-dense pruned model. Memory: one layer's linear inputs for every calibration token, in the
-source and in the pruned model, and float64 ``G`` and ``C``.
+dense pruned model.
+
+The refit streams: for each stage, chunk by chunk of ``batch_size`` sequences, the source
+layer runs up to the stage's linears and the pruned layer up to their input, and the chunk
+adds to ``G``, ``C`` and, per linear, ``Y = sum ||W_src[rows] u_src||^2`` (the source
+linear's output, which its forward computes anyway). The errors before and after follow from
+these alone, ``||W u_src - W' u||^2 = Y - 2 <W C, W'> + <W' G, W'>``, with no second pass
+over the tokens. Products are float32 per chunk, summed in float64, solved in float64
+(:data:`PRODUCT_DTYPE`). Memory: ``G`` and ``C`` of one stage in float64 plus one chunk's
+activations, and the hidden states entering the current layer for every calibration
+sequence, in the source and in the pruned model (as the layer-by-layer order needs). Under
+torchrun each rank streams its share of the sequences and the statistics are all-reduced
+(``distributed``), so every rank solves the same system.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+from functools import partial
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from shear.arch import Arch
 from shear.errors import ShearError
@@ -50,7 +68,47 @@ class _Stop(Exception):
     """Raised by a capture hook to end a forward pass once the input it wants is seen."""
 
 
-def _first_layer_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int) -> list[tuple]:
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A tensor as a whole: a sharded one (FSDP) is all-gathered (every rank must call)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+@contextmanager
+def _unsharded(module: nn.Module) -> Iterator[None]:
+    """FSDP: the module's own parameters gathered for the block (every rank must enter it),
+    resharded after it; anything else as it is."""
+    if not isinstance(module, FSDPModule):
+        yield
+        return
+    module.unshard()
+    try:
+        yield
+    finally:
+        module.reshard()
+
+
+def _call(module: nn.Module, *args, **kwargs):
+    # an FSDP module's hooks would gather and free its parameters around every call (one
+    # collective per chunk, skipped when a pass stops early): its caller holds them gathered
+    return module.forward(*args, **kwargs) if isinstance(module, FSDPModule) else module(*args, **kwargs)
+
+
+def _chunks(input_ids: torch.Tensor, batch_size: int, distributed: bool) -> list[torch.Tensor]:
+    """The chunks this process streams: all sequences by ``batch_size``, or (``distributed``)
+    this rank's share, in as many chunks on every rank (FSDP gathers in lockstep)."""
+    if not distributed:
+        return list(input_ids.split(batch_size))
+    world = dist.get_world_size()
+    count = math.ceil(math.ceil(len(input_ids) / world) / batch_size)
+    if len(input_ids) // world < count:  # the smallest share: the same decision on every rank
+        raise ShearError(
+            f"{len(input_ids)} refit sequences over {world} ranks leave a rank with fewer than {count} "
+            f"chunks of --batch-size {batch_size}: give at least {world * count} sequences"
+        )
+    return list(input_ids.tensor_split(world)[dist.get_rank()].tensor_split(count))
+
+
+def _first_layer_inputs(model: nn.Module, chunks: Sequence[torch.Tensor]) -> list[tuple]:
     """``(hidden_states, kwargs)`` entering the first decoder layer, per chunk of sequences."""
     out: list[tuple] = []
     layer0 = model.base_model.layers[0]
@@ -61,46 +119,108 @@ def _first_layer_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: i
         out.append((hidden, {k: v for k, v in kwargs.items() if k != "past_key_values"}))
         raise _Stop
 
-    handle = layer0.register_forward_pre_hook(grab, with_kwargs=True)
+    handle = layer0.register_forward_pre_hook(grab, with_kwargs=True, prepend=True)  # before FSDP's
     device = next(model.parameters()).device
     try:
-        for chunk in input_ids.split(batch_size):
-            try:
-                model(chunk.to(device), use_cache=False)
-            except _Stop:
-                pass
+        with _unsharded(model):
+            for chunk in chunks:
+                try:
+                    _call(model, chunk.to(device), use_cache=False)
+                except _Stop:
+                    pass
     finally:
         handle.remove()
     return out
 
 
 def _run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    out = layer(hidden, **kwargs)
+    out = _call(layer, hidden, **kwargs)
     return out[0] if isinstance(out, tuple) else out
 
 
-def _inputs_of(layer: nn.Module, names: Sequence[str], states: list[tuple], stop: bool) -> dict[str, list]:
-    """Inputs of the named linears of ``layer`` on every chunk (the pass ends at the last one if ``stop``)."""
-    seen: dict[str, list] = {n: [] for n in names}
-    handles = []
-    for n in names:
+def _stage_pass(
+    layer: nn.Module, names: Sequence[str], hidden: torch.Tensor, kwargs: dict, outputs: bool, stop: bool
+) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
+    """One chunk through ``layer``: the input of the stage's linears ``names`` (they share it) and,
+    if ``outputs``, each one's output less its bias; the pass ends there if ``stop``, else the
+    layer's output comes back too."""
+    seen: dict[str, torch.Tensor] = {}
+    last = names[-1] if outputs else names[0]
 
-        def grab(module, args, n=n):
-            seen[n].append(args[0].detach().flatten(0, -2))
-            if stop and n == names[-1]:
-                raise _Stop
+    def pre(module, args):
+        seen["u"] = args[0].detach().flatten(0, -2)
+        if stop and not outputs:
+            raise _Stop
 
-        handles.append(layer.get_submodule(n).register_forward_pre_hook(grab))
+    def post(module, args, out, n):
+        seen[n] = out.detach().flatten(0, -2) - (module.bias if module.bias is not None else 0)
+        if stop and n == last:
+            raise _Stop
+
+    handles = [layer.get_submodule(names[0]).register_forward_pre_hook(pre)]
+    if outputs:
+        handles += [layer.get_submodule(n).register_forward_hook(partial(post, n=n)) for n in names]
     try:
-        for hidden, kwargs in states:
-            try:
-                _run_layer(layer, hidden, kwargs)
-            except _Stop:
-                pass
+        out = _run_layer(layer, hidden, kwargs)
+    except _Stop:
+        out = None
     finally:
         for h in handles:
             h.remove()
-    return seen
+    return seen["u"], [seen[n] for n in names] if outputs else [], out
+
+
+#: dtype of the per-chunk products ``u^T u``; their sums are float64 (measured in RESULTS.md,
+#: "Streaming refit": float32 products change the refitted weights by ~1e-7 relative to float64).
+PRODUCT_DTYPE = torch.float32
+
+
+class RefitStats:
+    """What the refit of one stage needs, summed chunk by chunk over the calibration tokens:
+    ``G = sum u u^T``, ``C = sum u_src u^T`` (float64; shared by the stage's linears) and, per
+    linear, ``Y = sum ||W_src[rows] u_src||^2`` (the errors' denominator)."""
+
+    def __init__(self, n: int):
+        self.g: torch.Tensor | float = 0.0
+        self.c: torch.Tensor | float = 0.0
+        self.y = torch.zeros(n, dtype=torch.float64)
+
+    def add(
+        self,
+        u_src: torch.Tensor,
+        u_new: torch.Tensor,
+        y_src: Sequence[torch.Tensor],
+        rows: Sequence[torch.Tensor | None],
+    ) -> None:
+        """Add one chunk: the inputs of the stage in the source and in the pruned model (rows:
+        tokens), and the outputs (less bias) of the stage's source linears, of which the pruned
+        linears keep ``rows`` (None: all)."""
+        a, b = u_src.to(PRODUCT_DTYPE), u_new.to(PRODUCT_DTYPE)
+        self.g = self.g + (b.T @ b).double()
+        self.c = self.c + (a.T @ b).double()
+        for i, (y, r) in enumerate(zip(y_src, rows, strict=True)):
+            y = y if r is None else y[:, r.to(y.device)]
+            self.y[i] += float(y.to(PRODUCT_DTYPE).square().sum(dtype=torch.float64))
+
+    def all_reduce(self) -> None:
+        """Sum the statistics over the ranks of the default process group (each rank summed its
+        share of the sequences)."""
+        import torch.distributed as dist
+
+        g, c = torch.as_tensor(self.g), torch.as_tensor(self.c)
+        flat = torch.cat([g.reshape(-1), c.reshape(-1), self.y.to(g.device)])
+        dist.all_reduce(flat)
+        self.g = flat[: g.numel()].view_as(g)
+        self.c = flat[g.numel() : g.numel() + c.numel()].view_as(c)
+        self.y = flat[g.numel() + c.numel() :].cpu()
+
+    def error(self, i: int, wc: torch.Tensor, fit: torch.Tensor, fit_g: torch.Tensor) -> float:
+        """Relative error ``||W u_src - W' u|| / ||W u_src||`` over the tokens of linear ``i``
+        (``wc = W_src[rows] C``, ``fit = W'``, ``fit_g = W' G``), from the statistics alone:
+        ``||.||^2 = Y - 2 <W C, W'> + <W' G, W'>``."""
+        y = float(self.y[i])
+        num = y - 2 * float((wc * fit).sum()) + float((fit_g * fit).sum())
+        return (max(num, 0.0) / max(y, 1e-30)) ** 0.5
 
 
 @torch.no_grad()
@@ -111,6 +231,7 @@ def refit_pruned(
     input_ids: torch.Tensor,
     batch_size: int = 4,
     damping: float = 0.3,
+    distributed: bool = False,
 ) -> dict[str, tuple[float, float]]:
     """Refit the kept linear weights of ``pruned`` to reproduce the source (module docstring).
 
@@ -119,10 +240,12 @@ def refit_pruned(
         pruned: the dense pruned model that ``plan`` gathered from ``source`` (changed in place).
         plan: the export plan (:func:`shear.export.export_plan` on ``source``): which source
             rows every pruned weight kept.
-        input_ids: ``[n, seq_len]`` calibration sequences.
-        batch_size: sequences per forward pass.
+        input_ids: ``[n, seq_len]`` calibration sequences (with ``distributed``, this rank's share).
+        batch_size: sequences per forward pass (one chunk of the statistics).
         damping: strength of the pull toward the cut weights, a fraction of the mean
             diagonal of ``G`` (module docstring).
+        distributed: sum the statistics over the ranks of the default process group; every
+            rank must call with the same number of chunks and ends with the same weights.
 
     Returns:
         The relative reconstruction error ``||Y - W U'|| / ||Y||`` of every refitted linear
@@ -142,67 +265,59 @@ def refit_pruned(
     was = source.training, pruned.training
     source.eval(), pruned.eval()
     try:
-        h_src = _first_layer_inputs(source, input_ids, batch_size)
-        h_new = _first_layer_inputs(pruned, input_ids, batch_size)
+        chunks = _chunks(input_ids, batch_size, distributed)
+        h_src, h_new = _first_layer_inputs(source, chunks), _first_layer_inputs(pruned, chunks)
         for old, layer in enumerate(src_layers):
-            if old in kept:
-                u_src = _inputs_of(layer, [stage[0] for stage in STAGES], h_src, stop=False)
-                new_layer = new_layers[kept[old]]
-                for stage in STAGES:
-                    u_new = _inputs_of(new_layer, stage[:1], h_new, stop=True)[stage[0]]
-                    stats = _gram(u_src[stage[0]], u_new)  # shared by the stage's linears
-                    for n in stage:
-                        key = f"model.layers.{kept[old]}.{n}.weight"
-                        errors[key] = _refit_one(
-                            new_layer.get_submodule(n), layer.get_submodule(n), by_name[key].rows,
-                            stats, u_src[stage[0]], u_new, damping,
-                        )  # fmt: skip
-                h_new = [(_run_layer(new_layer, h, kw), kw) for h, kw in h_new]
-            h_src = [(_run_layer(layer, h, kw), kw) for h, kw in h_src]
+            if old not in kept:
+                with _unsharded(layer):
+                    h_src = [(_run_layer(layer, h, kw), kw) for h, kw in h_src]
+                continue
+            new_layer = new_layers[kept[old]]
+            for stage in STAGES:
+                keys = [f"model.layers.{kept[old]}.{n}.weight" for n in stage]
+                rows = [by_name[k].rows for k in keys]
+                last = stage is STAGES[-1]  # its source pass runs the whole layer: the next input
+                stats = RefitStats(len(stage))
+                with _unsharded(layer):
+                    for i, ((hs, kw), (hn, kwn)) in enumerate(zip(h_src, h_new, strict=True)):
+                        u_src, y_src, out = _stage_pass(layer, stage, hs, kw, outputs=True, stop=not last)
+                        u_new, _, _ = _stage_pass(new_layer, stage, hn, kwn, outputs=False, stop=True)
+                        stats.add(u_src, u_new, y_src, rows)
+                        if last:
+                            h_src[i] = (out, kw)
+                if distributed:
+                    stats.all_reduce()
+                g = torch.as_tensor(stats.g)
+                lam = damping * g.diagonal().mean().clamp_min(1e-12)
+                # G + lam I, factored once for the stage's linears (symmetric positive definite)
+                chol = torch.linalg.cholesky(g + lam * torch.eye(g.shape[0], dtype=g.dtype, device=g.device))
+                for j, (n, key) in enumerate(zip(stage, keys, strict=True)):
+                    errors[key] = _refit_one(new_layer.get_submodule(n), by_name[key], stats, j, chol, lam)
+            h_new = [(_run_layer(new_layer, h, kw), kw) for h, kw in h_new]
     finally:
         source.train(was[0]), pruned.train(was[1])
     return errors
 
 
-def _gram(u_src: list, u_new: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """``G = sum u_new u_new^T`` and ``C = sum u_src u_new^T`` over the chunks, in float64."""
-    g = c = 0
-    for a, b in zip(u_src, u_new, strict=True):
-        a, b = a.double(), b.double()
-        g = g + b.T @ b
-        c = c + a.T @ b
-    return g, c
-
-
 def _refit_one(
     lin: nn.Linear,
-    src_lin: nn.Linear,
-    rows: torch.Tensor | None,
-    stats: tuple[torch.Tensor, torch.Tensor],
-    u_src: list,
-    u_new: list,
-    damping: float,
+    spec: GatherSpec,
+    stats: RefitStats,
+    i: int,
+    chol: torch.Tensor,
+    lam: torch.Tensor,
 ) -> tuple[float, float]:
-    """Set ``lin.weight`` to the damped least-squares fit; the relative errors before and after it."""
-    w = src_lin.weight.detach().double()
-    if rows is not None:
-        w = w[rows.to(w.device)]
-    g, c = stats
+    """Set ``lin.weight`` to the damped least-squares fit (``chol``: the Cholesky factor of
+    ``G + lam I``); the relative errors before and after it."""
+    w = _full(spec.src).detach().double()  # the source's weight as stored (FSDP: its shards)
+    if spec.rows is not None:
+        w = w[spec.rows.to(w.device)]
+    wc = w @ torch.as_tensor(stats.c).to(w.device)
     cut = lin.weight.detach().double()
-    lam = damping * g.diagonal().mean().clamp_min(1e-12)
-    eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
-    fit = torch.linalg.solve(g + lam * eye, (w @ c + lam * cut).T).T  # G is symmetric
+    fit = torch.cholesky_solve((wc + lam * cut).T, chol).T  # G is symmetric
     lin.weight.copy_(fit.to(lin.weight.dtype))
-    return _relative_error(w, cut, u_src, u_new), _relative_error(w, fit, u_src, u_new)
-
-
-def _relative_error(w: torch.Tensor, fit: torch.Tensor, u_src: list, u_new: list) -> float:
-    num = den = 0.0
-    for a, b in zip(u_src, u_new, strict=True):
-        y = a.double() @ w.T
-        num += float((y - b.double() @ fit.T).square().sum())
-        den += float(y.square().sum())
-    return (num / max(den, 1e-30)) ** 0.5
+    # W' (G + lam I) = W C + lam W_cut gives W' G without another d^3 product
+    return stats.error(i, wc, cut, cut @ stats.g), stats.error(i, wc, fit, wc + lam * (cut - fit))
 
 
 #: Suffixes of the weights the refit changes.
@@ -242,6 +357,7 @@ def refit_masked(
     input_ids: torch.Tensor,
     batch_size: int = 4,
     damping: float = 0.3,
+    distributed: bool = False,
 ) -> dict[str, tuple[float, float]]:
     """Refit the units a masked model keeps under ``z``, in place (module docstring).
 
@@ -251,13 +367,20 @@ def refit_masked(
     change, so the refit belongs to a choice that no longer changes: masks frozen from the
     first step, or a one-shot export.
 
+    Under torchrun (``distributed``) every rank calls it with the same arguments and streams
+    its share of ``input_ids``; every rank ends with the same weights. A sharded (FSDP2)
+    model stays sharded but for the layer being refitted, gathered for its forward passes;
+    every rank holds the dense pruned model, gathered one source tensor at a time, and the
+    refitted blocks are written back into the shards.
+
     Args:
         model: the model with ``masks`` attached, its weights still the source's.
         masks: its masks.
         z: the mask values the pruned model is made of (deterministic or fixed).
-        input_ids: ``[n, seq_len]`` calibration sequences.
+        input_ids: ``[n, seq_len]`` calibration sequences (all of them, on every rank).
         batch_size: sequences per forward pass.
         damping: see :func:`refit_pruned`.
+        distributed: as :func:`refit_pruned`.
 
     Returns:
         As :func:`refit_pruned`.
@@ -265,10 +388,12 @@ def refit_masked(
     from shear.patch import attach_masks, remove_masks
 
     plan, arch = export_plan(model, masks, z)
-    pruned = dense_pruned(model, plan, arch, kept_layers(masks, z))
+    whole = [replace(s, src=_full(s.src)) for s in plan]  # FSDP: one source tensor at a time
+    pruned = dense_pruned(model, whole, arch, kept_layers(masks, z))
+    del whole
     remove_masks(model)
     try:
-        errors = refit_pruned(model, pruned, plan, input_ids, batch_size, damping)
+        errors = refit_pruned(model, pruned, plan, input_ids, batch_size, damping, distributed)
     finally:
         attach_masks(model, masks)
     fitted = dict(pruned.named_parameters())
@@ -280,8 +405,10 @@ def refit_masked(
             w = w / spec.row_scale.to(w)[:, None]
         if spec.col_scale is not None:
             w = w / spec.col_scale.to(w)[None, :]
-        src = spec.src
+        src = _full(spec.src)
         rows = spec.rows if spec.rows is not None else torch.arange(src.shape[0])
         cols = spec.cols if spec.cols is not None else torch.arange(src.shape[1])
         src.index_put_((rows.to(src.device)[:, None], cols.to(src.device)[None, :]), w.to(src))
+        if src is not spec.src:  # back into this rank's shard
+            spec.src.copy_(distribute_tensor(src, spec.src.device_mesh, spec.src.placements))
     return errors

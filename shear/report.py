@@ -219,6 +219,9 @@ def write_report(
         f"Source `{cfg.model}` -> target `{cfg.target}`, data `{cfg.data}`, {cfg.steps} steps of "
         f"{cfg.batch_size} x {cfg.grad_accum} sequences x {cfg.seq_len} tokens.",
         "",
+        f"Recipe `{cfg.recipe}` ({', '.join(f'{n} {v}' for n, v in cfg.recipe_record()['options'].items())}; "
+        "shear.recipes).",
+        "",
         "## Parameters",
         "",
         "| | layers | hidden | heads | kv heads | intermediate | prunable | total |",

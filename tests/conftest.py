@@ -95,7 +95,8 @@ def prune_tiny(src, data, out, **kw):
 
     cfg = dict(model=src, target="layers=2,hidden=48,heads=2,kv_heads=1,intermediate=64", data=data,
                out=str(out), batch_size=4, seq_len=32, eval_interval=10, checkpoint_interval=100,
-               calibration_sequences=8, export=True)  # fmt: skip
+               calibration_sequences=8, export=True,
+               init="importance", freeze_masks=0.0, refit=0.0)  # the defaults before recipes  # fmt: skip
     cfg.update(kw)
     return run_prune(PruneConfig(**cfg))
 

@@ -123,6 +123,14 @@ def test_prune_and_eval_commands(tiny_source, data_dir, tmp_path, capsys):
     steps = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in steps if "loss" in r] == [1, 2, 3, 4]
     assert [r["step"] for r in steps if "eval" in r] == [2, 4]
+    # with no recipe option given: the default recipe, recorded with its resolved options
+    recorded = json.loads((out / "config.json").read_text())
+    assert recorded["recipe"] == "importance-refit"
+    assert (recorded["freeze_masks"], recorded["refit"]) == (1.0, 0.3)
+    assert [r for r in steps if "recipe" in r] == [{"recipe": "importance-refit", "options": {
+        n: recorded[n] for n in ("steps", "init", "freeze_masks", "search_steps", "refit", "refit_sequences",
+                                 "dynamic_eta", "min_domain_weight")}}]  # fmt: skip
+    assert "Recipe `importance-refit` (" in report and (out / "refit.json").exists()
 
     assert (
         main(["eval", "--model", str(out / "export"), "--data", data_dir, "--seq-len", "32", "--json"]) == 0

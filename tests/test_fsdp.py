@@ -53,9 +53,11 @@ def _torchrun(tmp, task: str, options: dict, port: int) -> str:
 
 
 def _prune_options(src, data, out, **kw):
+    # masks learning to the end, no refit (the defaults before recipes): the Lagrangian and the
+    # multipliers under FSDP (the default recipe's refit: test_fsdp_one_shot_refit_matches_one_process)
     base = dict(model=src, target=TARGET, data=data, out=str(out), steps=4, batch_size=4, grad_accum=2,
                 seq_len=32, eval_interval=2, checkpoint_interval=2, target_warmup=0.5, dynamic=True,
-                dynamic_interval=1, reference_losses=REFS)  # fmt: skip
+                dynamic_interval=1, reference_losses=REFS, freeze_masks=0.0, refit=0.0)  # fmt: skip
     base.update(kw)
     return base
 
@@ -168,6 +170,25 @@ def test_fsdp_prune_with_distillation_matches_one_process(tiny_source, data_dir,
     weights = _sharded_model(tmp_path / "fsdp", tiny_source)
     for k, v in ca["model"].items():
         torch.testing.assert_close(weights[k], v, rtol=1e-4, atol=1e-5)
+
+
+def test_fsdp_one_shot_refit_matches_one_process(tiny_source, data_dir, tmp_path):
+    """`shear prune` with the default recipe's refit (one-shot here, to keep it short) under FSDP on
+    2 ranks: the same reconstruction errors and the same exported weights as one process."""
+    from safetensors.torch import load_file
+
+    options = dict(model=tiny_source, target=TARGET, data=data_dir, steps=0, batch_size=4, seq_len=32,
+                   reference_losses=REFS, refit_sequences=12)  # fmt: skip
+    run_prune(PruneConfig(**options, out=str(tmp_path / "one")))
+    _torchrun(tmp_path, "prune", dict(options, out=str(tmp_path / "fsdp"), strategy="fsdp"), 29663)
+    one, fsdp = (json.loads((tmp_path / r / "refit.json").read_text()) for r in ("one", "fsdp"))
+    assert one["damping"] == fsdp["damping"] == 0.3 and one["rows"] == fsdp["rows"]
+    for key, e in one["error"].items():
+        assert fsdp["error"][key] == pytest.approx(e, rel=1e-4, abs=1e-5), key
+    a, b = (load_file(tmp_path / r / "export" / "model.safetensors") for r in ("one", "fsdp"))
+    assert a.keys() == b.keys()
+    for k, v in a.items():
+        torch.testing.assert_close(b[k], v, rtol=1e-4, atol=1e-5, msg=k)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,8 @@ TARGET = "layers=2,hidden=48,heads=2,kv_heads=1,intermediate=64"
 
 def _cfg(src, data, out, **kw):
     base = dict(model=src, target=TARGET, data=data, out=str(out), steps=6, batch_size=4, seq_len=32,
-                eval_interval=3, checkpoint_interval=3, target_warmup=0.5, export=False)  # fmt: skip
+                eval_interval=3, checkpoint_interval=3, target_warmup=0.5, export=False,
+                freeze_masks=0.0, refit=0.0)  # masks learning to the end (before recipes)  # fmt: skip
     base.update(kw)
     return PruneConfig(**base)
 
