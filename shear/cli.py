@@ -67,6 +67,7 @@ from shear.budget import (
 )
 from shear.errors import ShearError, clip
 from shear.masks import MASK_TYPES, plan_masks
+from shear.recipes import DEFAULT_RECIPE, RECIPE_OPTIONS, RECIPES
 from shear.target import resolve_target
 
 
@@ -342,7 +343,6 @@ def _add_run_options(p: argparse.ArgumentParser, config: type, defaults: dict[st
         help="recompute each decoder layer's activations in the backward pass (less memory, "
         "about a third more compute)",
     )
-    from shear.recipes import RECIPE_OPTIONS
 
     for f in dataclasses.fields(config):
         if f.name not in _OPTION_HELP:
@@ -927,8 +927,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--strategy", choices=("ddp", "fsdp", "both"), default="both", help="default: both")
     pl.add_argument("--activation-checkpointing", action="store_true", help="recompute layers in backward")
     pl.add_argument("--distill", action="store_true", help="a teacher (the source) beside the student")
-    refit_help = "the refit at the cut on N sequences (with --target; default: 0, no refit)"
-    pl.add_argument("--refit-sequences", type=int, default=0, metavar="N", help=refit_help)
+    default_refit = RECIPES[DEFAULT_RECIPE]["refit_sequences"]
+    refit_help = f"the refit at the cut on N sequences (with --target; 0: none; default: {default_refit})"
+    pl.add_argument("--refit-sequences", type=int, default=default_refit, metavar="N", help=refit_help)
     pl.add_argument("--device-memory", default="80GB", help="memory per device, e.g. 80GB (default: 80GB)")
     pl.add_argument("--cpu", action="store_true", help="plan a CPU run (fp32 compute) instead of a GPU run")
     pl.add_argument("--json", action="store_true", help="print one JSON object")

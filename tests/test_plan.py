@@ -105,12 +105,12 @@ def test_fsdp_counts_the_unsharded_gradients_kept_between_micro_batches(capsys):
 def test_refit_and_teacher_enter_the_plan(capsys):
     base = _plan("--model", str(CONFIGS / "llama-2-7b"), "--target", SHEARED_1_3B, "--grad-accum", "4")
     plans = {}
-    for extra in ([], ["--refit-sequences", "128"], ["--refit-sequences", "8192"], ["--distill"]):
+    for extra in (["--refit-sequences", "0"], [], ["--refit-sequences", "8192"], ["--distill"]):
         assert main([*base, *extra]) == 0
         plans[tuple(extra)] = json.loads(capsys.readouterr().out)["plans"]
-    plain, refit, long_refit = (
+    plain, refit, long_refit = (  # the default: the default recipe's refit on 128 sequences
+        plans[("--refit-sequences", "0")],
         plans[()],
-        plans[("--refit-sequences", "128")],
         plans[("--refit-sequences", "8192")],
     )
     # the float64 statistics of down_proj's group: the MLP's widths, 11008 in the source, 5504 kept
@@ -141,9 +141,9 @@ def test_a_runs_plan_counts_its_teacher_and_refit(tiny_source, data_dir, tmp_pat
         out=str(tmp_path),
         target="layers=2,hidden=48,heads=2,kv_heads=1,intermediate=64",
     )
-    plain = run_plans(PruneConfig(**options), 2, torch.device("cpu"))["fsdp"]
-    distill = run_plans(PruneConfig(**options, distill_weight=0.5), 2, torch.device("cpu"))["fsdp"]
-    refit = run_plans(PruneConfig(**options, refit=0.3, freeze_masks=1.0), 2, torch.device("cpu"))["fsdp"]
+    plain = run_plans(PruneConfig(**options, refit=0.0), 2, torch.device("cpu"))["fsdp"]
+    distill = run_plans(PruneConfig(**options, refit=0.0, distill_weight=0.5), 2, torch.device("cpu"))["fsdp"]
+    refit = run_plans(PruneConfig(**options), 2, torch.device("cpu"))["fsdp"]  # the default recipe refits
     resumed = run_plans(
         PruneConfig(**options, refit=0.3, freeze_masks=1.0, resume=True), 2, torch.device("cpu")
     )
