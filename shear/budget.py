@@ -283,14 +283,17 @@ def rank_candidates(
     batch_size: int,
     train_batches: list[torch.Tensor] = (),  # type: ignore[assignment]
     log: Any = None,
+    refit_batch: torch.Tensor | None = None,
 ) -> list[float]:
-    """The score of every candidate (:func:`score_candidate`), activation importance measured once."""
+    """The score of every candidate (:func:`score_candidate`), activation importance measured once
+    on ``calibration``; the refit fits on ``refit_batch`` (default: ``calibration``)."""
     from shear.importance import activation_importance
 
     scores = activation_importance(model, source, calibration, batch_size)
+    refit_batch = calibration if refit_batch is None else refit_batch
     out = []
     for i, target in enumerate(candidates, 1):
-        out.append(score_candidate(model, source, target, scores, calibration, eval_sets, batch_size,
+        out.append(score_candidate(model, source, target, scores, refit_batch, eval_sets, batch_size,
                                    train_batches))  # fmt: skip
         if log is not None:
             log(f"candidate {i}/{len(candidates)} {target_text(target)}: score {out[-1]:.4f}")
@@ -306,6 +309,7 @@ def rank_budget(
     batch_size: int = 4,
     eval_sequences: int = 4,
     calibration_sequences: int = 32,
+    refit_sequences: int | None = None,
     rank_steps: int = 0,
     seed: int = 0,
     device: str | torch.device = "cpu",
@@ -318,7 +322,9 @@ def rank_budget(
         data: the data (its training split gives the calibration and training sequences, its
             held-out split the score).
         spec: the budget (module docstring).
-        calibration_sequences: sequences the importance and the refit use.
+        calibration_sequences: sequences the importance uses (and the refit, by default).
+        refit_sequences: sequences the refit fits on, the importance's first (as ``shear prune``
+            draws them, so that a one-shot run's export is what its candidate's score measured).
         rank_steps: training steps of each candidate before it is scored (0: none).
 
     Returns:
@@ -339,14 +345,18 @@ def rank_budget(
     candidates = shortlist(enumerated, budget.candidates)
     corpus = build_corpus(data, tokenizer, seq_len, eval_sequences, log=log)
     calibration = calibration_batch(corpus, calibration_rows(corpus, calibration_sequences, seed)).to(device)
+    refit_rows = calibration_rows(corpus, refit_sequences or calibration_sequences, seed)
+    refit_batch = calibration_batch(corpus, refit_rows).to(device)
     train_rows = calibration_rows(corpus, rank_steps * batch_size, seed + 1) if rank_steps else {}
     train = calibration_batch(corpus, train_rows).to(device).split(batch_size) if rank_steps else ()
     eval_sets = {d: s.to(device) for d, s in corpus.eval.items()}
     if log is not None:
         log(f"ranking {len(candidates)} of {len(enumerated)} candidates under {budget.text()}")
-    scores = rank_candidates(net, source, candidates, calibration, eval_sets, batch_size, list(train), log)
+    scores = rank_candidates(net, source, candidates, calibration, eval_sets, batch_size, list(train), log,
+                             refit_batch)  # fmt: skip
     rows = candidate_rows(budget, candidates, scores)
-    cut = f"one-shot importance cut + refit on {len(calibration)} calibration sequences"
+    cut = (f"one-shot importance cut + refit on {len(refit_batch)} calibration sequences (importance on "
+           f"{len(calibration)})")  # fmt: skip
     return {
         "budget": budget.text(),
         "enumerated": len(enumerated),

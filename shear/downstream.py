@@ -168,23 +168,13 @@ def report_section(result: dict[str, Any]) -> list[str]:
 
 
 def model_of_run(run_dir: Path) -> Path | None:
-    """The model a shear run folder wrote (``export/`` or ``model/``), or None if ``run_dir`` is no run."""
-    import json
+    """The model a shear run folder wrote (``export/`` or ``model/``); None if ``run_dir`` is no
+    run, or a run that has not written its model yet (loading it then says what to pass)."""
+    from shear.runfolder import MODEL_FOLDER, run_task
 
-    from shear.run_export import DEFAULT_FOLDER
-    from shear.runfolder import CONFIG_FILE, RUN_KEY, read_run_config
-
-    try:  # a model folder's config.json is no run's
-        is_run = RUN_KEY in json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError, TypeError):
-        is_run = False
-    recorded = read_run_config(run_dir) if is_run else None
-    if recorded is None:
-        return None
-    model = run_dir / DEFAULT_FOLDER[recorded[0]]
-    if not model.is_dir():
-        raise ShearError(f"the run {run_dir} has no {model.name}/ yet: write it with `shear export RUN_DIR`")
-    return model
+    task = run_task(run_dir)
+    model = None if task is None else run_dir / MODEL_FOLDER[task]
+    return model if model is not None and model.is_dir() else None
 
 
 def record_in_run(run_dir: Path, result: dict[str, Any]) -> Path:

@@ -299,12 +299,7 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
     target = resolve_target(source, cfg.target)
     check_prunes(source, target, cfg.model)
     ctx = start_run(cfg)
-    if ranking is not None and ctx.main:
-        write_text_atomic(ctx.out / "budget.json", json.dumps(ranking, indent=2) + "\n")
-        ctx.say(f"budget {cfg.budget}: chose {cfg.target} (candidates in budget.json)")
     ctx.say(cfg.recipe_summary())
-    if ctx.main and not cfg.resume:
-        ctx.log.write(cfg.recipe_record())
     model, tokenizer = ctx.parallel.load(cfg.model)
     model = ctx.parallel.shard(model)
     if tokenizer is None:
@@ -312,6 +307,12 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
     corpus = build_corpus(
         cfg.data, tokenizer, cfg.seq_len, cfg.eval_sequences, cfg.max_train_sequences, log=ctx.say
     )
+    # written once the weights and data have loaded: a run that fails to load leaves no folder
+    if ranking is not None and ctx.main:
+        write_text_atomic(ctx.out / "budget.json", json.dumps(ranking, indent=2) + "\n")
+        ctx.say(f"budget {cfg.budget}: chose {cfg.target} (candidates in budget.json)")
+    if ctx.main and not cfg.resume:
+        ctx.log.write(cfg.recipe_record())
     # the source's losses, measured before the masks go in: the report's baseline and the
     # documented fallback reference for dynamic batch loading
     source_eval = None if cfg.resume else ctx.evaluate(model, corpus)
@@ -349,7 +350,8 @@ def _choose_from_budget(cfg: PruneConfig) -> dict[str, Any]:
     return rank_budget(
         cfg.model, cfg.data, cfg.target, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
         eval_sequences=cfg.eval_sequences, calibration_sequences=cfg.calibration_sequences,
-        rank_steps=cfg.rank_steps, seed=cfg.seed, device=resolve_device(cfg.device), log=say,
+        refit_sequences=cfg.refit_sequences, rank_steps=cfg.rank_steps, seed=cfg.seed,
+        device=resolve_device(cfg.device), log=say,
     )  # fmt: skip
 
 
