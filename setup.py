@@ -15,6 +15,7 @@ import os
 import sys
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GATHER_SOURCE = os.path.join("csrc", "gather.cpp")
@@ -60,17 +61,39 @@ def _extension_args():
     return {"ext_modules": [ext], "cmdclass": {"build_ext": OptionalBuildExtension}}
 
 
+def _setup_args() -> dict:
+    """The extension's arguments, with the ``build_py`` that places ``shear.kernels``' init."""
+    args = _extension_args()
+    args["cmdclass"] = {**args.get("cmdclass", {}), "build_py": BuildPy}
+    return args
+
+
 def _packages() -> tuple[list[str], dict[str, str]]:
     """Every package under ``shear/`` and ``kernels/`` (as ``shear.kernels``), found, never listed
     by hand; ``csrc/`` rides along as ``shear.csrc`` so that an installed shear can compile the
     extension on first use (see shear.extension.source_path)."""
-    packages = ["shear"] + [f"shear.{p}" for p in find_packages("shear")]
+    packages = ["shear"] + [f"shear.{p}" for p in find_packages("shear", exclude=["kernels", "kernels.*"])]
     packages += ["shear.kernels"] + [f"shear.kernels.{p}" for p in find_packages("kernels")]
     package_dir = {"shear": "shear", "shear.kernels": "kernels", "shear.csrc": "csrc"}
     return packages + ["shear.csrc"], package_dir
 
 
 PACKAGES, PACKAGE_DIR = _packages()
+
+
+class BuildPy(build_py):
+    """``shear.kernels`` takes its modules from ``kernels/`` and its ``__init__.py`` from
+    ``shear/kernels/``: ``kernels/`` has none, so that from the checkout's root it never
+    shadows Hugging Face's top-level ``kernels`` (see shear/kernels/__init__.py)."""
+
+    def find_package_modules(self, package, package_dir):
+        modules = super().find_package_modules(package, package_dir)
+        if package == "shear.kernels":
+            modules.append((package, "__init__", os.path.join("shear", "kernels", "__init__.py")))
+        return modules
+
+    def check_package(self, package, package_dir):
+        return None if package == "shear.kernels" else super().check_package(package, package_dir)
 
 setup(
     name="shear",
@@ -106,5 +129,5 @@ setup(
         "tensorboard": ["tensorboard>=2.10"],
     },
     entry_points={"console_scripts": ["shear=shear.cli:main"]},
-    **_extension_args(),
+    **_setup_args(),
 )
