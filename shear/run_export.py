@@ -77,7 +77,6 @@ def _check_destination(dest: Path, run_dir: Path, default: Path, inputs: dict[st
             )
 
 
-@hold_run_lock
 def _measured(run_dir: Path, task_name: str) -> dict[str, float] | None:
     """The held-out losses the finished run measured on its own export (the same weights), if any."""
     evals = run_dir / "evals.json"
@@ -87,6 +86,7 @@ def _measured(run_dir: Path, task_name: str) -> dict[str, float] | None:
     return measured.get({"prune": "exported", "train": "saved"}[task_name])
 
 
+@hold_run_lock
 def export_run(
     run_dir: str | os.PathLike,
     out: str | os.PathLike | None = None,
